@@ -1,0 +1,146 @@
+"""Per-sequence statistics of a policy against a reference, computed in chunks of positions.
+
+TDPO and Ra-DPO need both models' full next-token distributions at every response position. Materialising
+(N, T, V) float32 log-softmaxes (several copies, plus what autograd saves) dominates memory for real
+vocabularies (V ~ 50k). Here positions are processed `chunk_size` at a time, and each chunk runs under
+activation checkpointing, so only one chunk's (N, chunk, V) tensors exist at any time, forward or backward.
+If the caller passes hidden states and the output head, the logits themselves are also never whole.
+
+Labels follow the usual causal convention: `labels[:, t]` is predicted from position t - 1, and -100 marks
+prompt and padding tokens that do not count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+
+VocabRisk = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass
+class SequenceStats:
+    """Masked sums over response tokens, one value per sequence. All tensors (N,)."""
+
+    policy_logps: Tensor  # sum_t log pi_theta(y_t | s_t)
+    ref_logps: Tensor | None  # sum_t log pi_ref(y_t | s_t)
+    seq_kl: Tensor | None  # TDPO's D_SeqKL: sum_t KL(pi_ref(.|s_t) || pi_theta(.|s_t))
+    seq_risk: Tensor | None  # Ra-DPO's D_SeqRR: sum_t Phi_{z ~ pi_ref}(log pi_ref(z|s_t) - log pi_theta(z|s_t))
+    n_tokens: Tensor  # number of response tokens
+
+    @property
+    def logratios(self) -> Tensor:
+        """sum_t log pi_theta / pi_ref over the response (the DPO implicit reward / beta). (N,)."""
+        return self.policy_logps - self.ref_logps
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
+def _logits(head: Callable[[Tensor], Tensor], hidden: Tensor) -> Tensor:
+    # bf16/fp16 logits are upcast: a log-softmax over 50k entries in bf16 loses the tail the risk looks at
+    logits = head(hidden)
+    return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+
+
+def _chunk_terms(
+    policy_hidden: Tensor,
+    ref_hidden: Tensor | None,
+    targets: Tensor,
+    policy_head: Callable[[Tensor], Tensor],
+    ref_head: Callable[[Tensor], Tensor],
+    vocab_terms: bool,
+    vocab_risk: VocabRisk | None,
+) -> Tensor:
+    """Per-position terms of one chunk, stacked on the last axis: (N, C, K) for K in {1, 2, 4}."""
+    logits = _logits(policy_head, policy_hidden)
+    if not vocab_terms:
+        # log-softmax at the target only: logit - logsumexp, no (N, C, V) log-prob copy
+        token_logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+        if ref_hidden is None:
+            return token_logp.unsqueeze(-1)
+        ref_logits = _logits(ref_head, ref_hidden)
+        ref_token_logp = ref_logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - ref_logits.logsumexp(-1)
+        return torch.stack([token_logp, ref_token_logp], dim=-1)
+
+    logp = F.log_softmax(logits, dim=-1)
+    # log_softmax for the reference too: softmax().log() underflows to -inf and 0 * -inf = nan
+    ref_logp = F.log_softmax(_logits(ref_head, ref_hidden), dim=-1)
+    token_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    ref_token_logp = ref_logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    d = ref_logp - logp
+    kl = (ref_logp.exp() * d).sum(-1)
+    risk = vocab_risk(d, ref_logp) if vocab_risk is not None else kl
+    return torch.stack([token_logp, ref_token_logp, kl, risk], dim=-1)
+
+
+def sequence_stats(
+    policy_hidden: Tensor,
+    labels: Tensor,
+    ref_hidden: Tensor | None = None,
+    *,
+    policy_head: Callable[[Tensor], Tensor] | None = None,
+    ref_head: Callable[[Tensor], Tensor] | None = None,
+    vocab_terms: bool = False,
+    vocab_risk: VocabRisk | None = None,
+    ref_logps: Tensor | None = None,
+    chunk_size: int = 64,
+) -> SequenceStats:
+    """Sums over response tokens of log-probs, sequential KL and sequential risk ratio.
+
+    Args:
+        policy_hidden: (N, L, H) final hidden states, or (N, L, V) logits when `policy_head` is None.
+        labels: (N, L) token ids with IGNORE_INDEX on prompt and padding.
+        ref_hidden: (N, L, H) or (N, L, V) for the reference; None when `ref_logps` are precomputed.
+        policy_head / ref_head: map a (N, C, H) chunk to (N, C, V) logits (the models' output embeddings).
+        vocab_terms: also compute the per-token KL and risk over the vocabulary (TDPO, Ra-DPO).
+        vocab_risk: `RiskMeasure.over_vocab`; None leaves `seq_risk` equal to the KL.
+        ref_logps: (N,) precomputed sequence log-probs of the reference (sequence-level objectives only).
+        chunk_size: positions per chunk; bounds peak memory at O(N * chunk_size * V).
+    """
+    if vocab_terms and ref_hidden is None:
+        raise ValueError("token-level terms need the reference's distribution: pass ref_hidden, not ref_logps")
+    policy_head = policy_head or _identity
+    ref_head = ref_head or _identity
+    # causal shift: position t predicts labels[:, t + 1]
+    policy_hidden = policy_hidden[:, :-1]
+    ref_hidden = ref_hidden[:, :-1] if ref_hidden is not None else None
+    labels = labels[:, 1:]
+    mask = labels != IGNORE_INDEX
+    targets = labels.clamp(min=0)
+
+    sums = None
+    for start in range(0, labels.shape[1], chunk_size):
+        stop = start + chunk_size
+        args = (
+            policy_hidden[:, start:stop],
+            ref_hidden[:, start:stop] if ref_hidden is not None else None,
+            targets[:, start:stop],
+            policy_head,
+            ref_head,
+            vocab_terms,
+            vocab_risk,
+        )
+        if torch.is_grad_enabled():
+            terms = checkpoint(_chunk_terms, *args, use_reentrant=False)
+        else:
+            terms = _chunk_terms(*args)
+        chunk_sum = (terms * mask[:, start:stop, None]).sum(1)  # (N, K)
+        sums = chunk_sum if sums is None else sums + chunk_sum
+
+    has_ref = ref_hidden is not None
+    return SequenceStats(
+        policy_logps=sums[:, 0],
+        ref_logps=sums[:, 1] if has_ref else ref_logps,
+        seq_kl=sums[:, 2] if vocab_terms else None,
+        seq_risk=sums[:, 3] if vocab_terms else None,
+        n_tokens=mask.sum(-1),
+    )

@@ -1,0 +1,178 @@
+"""Preference objectives: pure torch losses, and the small classes Hydra instantiates from `conf/algo/*.yaml`.
+
+Shapes: B preference pairs. Inputs are per-pair sums over response tokens (see `riskexp.logps`):
+    chosen_logratios / rejected_logratios  (B,)  sum_t log pi_theta(y_t|s_t) - log pi_ref(y_t|s_t)
+    chosen_term / rejected_term            (B,)  TDPO: sequential KL D_SeqKL; Ra-DPO: sequential risk ratio D_SeqRR
+Losses are returned per pair (B,); the training step averages them (the DPO/TDPO repos' reduction).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from riskexp.logps import SequenceStats
+from riskexp.risk import Mean, RiskMeasure
+
+# ---------------------------------------------------------------------------------------------------------
+# Pure losses
+# ---------------------------------------------------------------------------------------------------------
+
+
+def dpo_loss(chosen_logratios: Tensor, rejected_logratios: Tensor, beta: float, label_smoothing: float = 0.0) -> Tensor:
+    """DPO (Rafailov et al. 2023, eq. 7): -log sigma(beta h), h = chosen - rejected log-ratio. (B,) -> (B,).
+
+    label_smoothing eps > 0 is conservative DPO (cDPO): the label is flipped with probability eps,
+    -(1 - eps) log sigma(beta h) - eps log sigma(-beta h).
+    """
+    h = chosen_logratios - rejected_logratios
+    return -F.logsigmoid(beta * h) * (1 - label_smoothing) - F.logsigmoid(-beta * h) * label_smoothing
+
+
+def ipo_loss(chosen_logratios: Tensor, rejected_logratios: Tensor, beta: float) -> Tensor:
+    """IPO (Azar et al. 2024, sampled loss of Sec. 5): (h - 1/(2 beta))^2, beta playing the role of tau. (B,) -> (B,)."""
+    h = chosen_logratios - rejected_logratios
+    return (h - 1 / (2 * beta)) ** 2
+
+
+def token_level_loss(
+    chosen_logratios: Tensor,
+    rejected_logratios: Tensor,
+    chosen_term: Tensor,
+    rejected_term: Tensor,
+    beta: float,
+    variant: int = 1,
+    kl_weight: float = 0.5,
+) -> Tensor:
+    """TDPO1/2 (Zeng et al. 2024) and Ra-DPO1/2 (Zhang et al. 2025, eq. 17 and 19). (B,) -> (B,).
+
+    u = beta (l_w - l_l) and delta = beta T_l - beta T_w, with T the sequential KL (TDPO) or risk ratio (Ra-DPO):
+        variant 1:  -log sigma(u - delta)                                   (Ra-DPO eq. 17)
+        variant 2:  -log sigma(u - kl_weight (beta T_l - sg(beta T_w)))     (Ra-DPO eq. 19)
+    The stop-gradient sg changes only the gradient, never the value: the chosen sequence's term is not pushed
+    down, which the TDPO paper found to keep the KL on chosen responses from collapsing.
+    """
+    margin = chosen_logratios - rejected_logratios
+    if variant == 1:
+        z = margin - (rejected_term - chosen_term)
+    elif variant == 2:
+        z = margin - kl_weight * (rejected_term - chosen_term.detach())
+    else:
+        raise ValueError(f"algo.variant={variant!r} is not a variant; accepted: 1, 2")
+    return -F.logsigmoid(beta * z)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Objectives: turn the concatenated batch's SequenceStats into per-pair losses, rewards and metrics
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ObjectiveOutput:
+    losses: Tensor  # (B,) per-pair loss
+    chosen_rewards: Tensor  # (B,) detached, the method's own reward (DPO: beta l; TDPO/Ra-DPO: beta (l + T))
+    rejected_rewards: Tensor  # (B,)
+    metrics: dict[str, Tensor] = field(default_factory=dict)  # extra (B,) or scalar metrics
+
+
+def _split(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows are [chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}]."""
+    half = x.shape[0] // 2
+    return x[:half], x[half:]
+
+
+def _check_beta(beta: float) -> float:
+    if not isinstance(beta, (int, float)) or not beta > 0:
+        raise ValueError(f"beta={beta!r} is not a KL temperature: accepted values are > 0")
+    return float(beta)
+
+
+class SequenceObjective:
+    """Base for objectives that need only sequence log-probs (reference log-probs may be precomputed)."""
+
+    uses_vocab_terms = False
+    vocab_risk = None
+
+    def __init__(self, beta: float):
+        self.beta = _check_beta(beta)
+
+    def losses(self, chosen_logratios: Tensor, rejected_logratios: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def __call__(self, stats: SequenceStats) -> ObjectiveOutput:
+        chosen, rejected = _split(stats.logratios)
+        return ObjectiveOutput(
+            losses=self.losses(chosen, rejected),
+            chosen_rewards=self.beta * chosen.detach(),
+            rejected_rewards=self.beta * rejected.detach(),
+        )
+
+
+class DPO(SequenceObjective):
+    def __init__(self, beta: float, label_smoothing: float = 0.0):
+        super().__init__(beta)
+        if not 0.0 <= label_smoothing < 0.5:
+            raise ValueError(f"algo.label_smoothing={label_smoothing!r}: accepted values are in [0, 0.5)")
+        self.label_smoothing = float(label_smoothing)
+
+    def losses(self, chosen_logratios: Tensor, rejected_logratios: Tensor) -> Tensor:
+        return dpo_loss(chosen_logratios, rejected_logratios, self.beta, self.label_smoothing)
+
+
+class IPO(SequenceObjective):
+    def losses(self, chosen_logratios: Tensor, rejected_logratios: Tensor) -> Tensor:
+        return ipo_loss(chosen_logratios, rejected_logratios, self.beta)
+
+
+class TDPO:
+    """TDPO1/2: token-level DPO with the sequential KL. `RaDPO` swaps the KL for a risk ratio."""
+
+    uses_vocab_terms = True
+
+    def __init__(self, beta: float, variant: int = 1, kl_weight: float = 0.5):
+        self.beta = _check_beta(beta)
+        if variant not in (1, 2):
+            raise ValueError(f"algo.variant={variant!r} is not a variant; accepted: 1, 2")
+        if not kl_weight >= 0:
+            raise ValueError(f"algo.kl_weight={kl_weight!r}: accepted values are >= 0")
+        self.variant = int(variant)
+        self.kl_weight = float(kl_weight)
+        self.vocab_risk = None  # TDPO's term is the KL itself
+
+    def term(self, stats: SequenceStats) -> Tensor:
+        return stats.seq_kl
+
+    def __call__(self, stats: SequenceStats) -> ObjectiveOutput:
+        chosen, rejected = _split(stats.logratios)
+        chosen_term, rejected_term = _split(self.term(stats))
+        losses = token_level_loss(chosen, rejected, chosen_term, rejected_term, self.beta, self.variant, self.kl_weight)
+        # the reference code's reward for these methods includes the term: beta (l + T)
+        chosen_rewards = self.beta * (chosen + chosen_term).detach()
+        rejected_rewards = self.beta * (rejected + rejected_term).detach()
+        return ObjectiveOutput(losses, chosen_rewards, rejected_rewards)
+
+
+class RaDPO(TDPO):
+    """Ra-DPO1/2: TDPO with the sequential risk ratio of a risk measure over the vocabulary."""
+
+    def __init__(self, beta: float, risk: RiskMeasure | None = None, variant: int = 1, kl_weight: float = 0.5):
+        super().__init__(beta, variant, kl_weight)
+        self.risk = risk if risk is not None else Mean()
+        self.vocab_risk = self.risk.over_vocab
+
+    def term(self, stats: SequenceStats) -> Tensor:
+        return stats.seq_risk
+
+
+def implicit_reward_accuracy(chosen_logratios: Tensor, rejected_logratios: Tensor) -> Tensor:
+    """Fraction of pairs where the DPO implicit reward prefers the chosen response: comparable across methods,
+    unlike each method's own reward (TDPO/Ra-DPO include their term in it). (B,) -> ()."""
+    return (chosen_logratios > rejected_logratios).float().mean()
+
+
+def stack_metrics(values: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Detach and convert metric tensors to float32 scalars or vectors for logging."""
+    return {k: v.detach().float() for k, v in values.items() if isinstance(v, torch.Tensor)}
