@@ -1,0 +1,3 @@
+from riskexp.cli import console_main
+
+console_main()

@@ -1,0 +1,541 @@
+"""Pairwise preference data: loading, Anthropic-HH parsing, DPO-style tokenisation, batching.
+
+A *record* is `{"prompt": str | list[{"role", "content"}], "chosen": str, "rejected": str}` (plus optional
+numeric fields such as `chosen_score`). A *feature* is one tokenised record (see `tokenize_pair`). Batches
+stack chosen rows first, then rejected rows, which is the layout the losses expect: rows [0, B) are y_w and
+rows [B, 2B) are y_l of the same prompts.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import json
+import logging
+import math
+import random
+import re
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+TRUNCATION_MODES = ("keep_end", "keep_start")
+FIXTURE_PREFERENCES = str(Path(__file__).parent / "fixtures" / "preferences.jsonl")
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
+_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+_ASSISTANT_TAG = "\n\nAssistant: "
+_SUFFIXES = (".jsonl.gz", ".json.gz", ".jsonl", ".json", ".parquet")
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+def _suffix(path: Path) -> str | None:
+    name = path.name.lower()
+    return next((s for s in _SUFFIXES if name.endswith(s)), None)
+
+
+def _plain(value: Any) -> Any:
+    """Parquet gives nested columns as numpy arrays and numpy scalars; turn them back into Python objects."""
+    if isinstance(value, np.ndarray):
+        return [_plain(v) for v in value.tolist()]
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _read_rows(path: Path) -> tuple[list[dict], list[str]]:
+    """Read a JSON / JSONL (optionally gzipped) or Parquet file into (rows, column names)."""
+    suffix = _suffix(path)
+    if suffix is None:
+        raise ValueError(f"{path}: unsupported file type; expected one of {', '.join(_SUFFIXES)}")
+    if suffix == ".parquet":
+        frame = pd.read_parquet(path)
+        return [{k: _plain(v) for k, v in row.items()} for row in frame.to_dict("records")], list(
+            frame.columns
+        )
+    # stdlib json keeps strings and nested messages exactly as written (pandas would coerce dtypes)
+    opener = gzip.open if suffix.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        text = f.read()
+    lines = suffix.startswith(".jsonl")
+    if not lines:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:  # JSON lines under a .json name
+            lines = True
+    if lines:
+        data = [json.loads(line) for line in text.splitlines() if line.strip()]
+    if isinstance(data, dict):  # {"column": [values]} layout, or a single record
+        data = (
+            pd.DataFrame(data).to_dict("records")
+            if all(isinstance(v, list) for v in data.values())
+            else [data]
+        )
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise ValueError(f"{path}: expected a list of JSON objects (one record per row)")
+    columns = list(dict.fromkeys(k for row in data for k in row))
+    return data, columns
+
+
+def _check_columns(path: Path, columns: list[str], needed: Iterable[str]) -> None:
+    missing = [c for c in needed if c not in columns]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}; columns found: {columns}")
+
+
+def _check_limit(limit: int | None) -> None:
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be None or a positive integer, got {limit!r}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def _is_messages(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) > 0
+        and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in value
+        )
+    )
+
+
+def _response_text(value: Any) -> str:
+    """A response is a string, or a message list whose last (assistant) message is the response."""
+    if isinstance(value, str):
+        return value
+    if _is_messages(value) and value[-1]["role"] == "assistant":
+        return value[-1]["content"]
+    raise ValueError(
+        f"response must be a string or a message list ending in an assistant turn, got {value!r:.80}"
+    )
+
+
+def _warn_skipped(path: Any, skipped: int, total: int, first_error: str | None) -> None:
+    if skipped:
+        log.warning("%s: skipped %d of %d malformed rows (first: %s)", path, skipped, total, first_error)
+
+
+def load_preference_file(
+    path: str,
+    prompt_key: str = "prompt",
+    chosen_key: str = "chosen",
+    rejected_key: str = "rejected",
+    limit: int | None = None,
+) -> list[dict]:
+    """Read preference records from a local .jsonl, .jsonl.gz, .json or .parquet file.
+
+    Columns `prompt_key`/`chosen_key`/`rejected_key` are renamed to prompt/chosen/rejected. The prompt may be a
+    string or a chat message list; a response given as a message list keeps only its final assistant turn.
+    Extra numeric fields (e.g. `chosen_score`) are kept. Rows with missing or ill-typed values are skipped with
+    one counted warning. `limit` keeps the first `limit` valid records.
+    """
+    _check_limit(limit)
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"preference file not found: {path}")
+    rows, columns = _read_rows(file)
+    keys = {"prompt": prompt_key, "chosen": chosen_key, "rejected": rejected_key}
+    _check_columns(file, columns, keys.values())
+
+    records, skipped, first_error = [], 0, None
+    for row in rows:
+        try:
+            prompt = row.get(prompt_key)
+            if not (isinstance(prompt, str) or _is_messages(prompt)):
+                raise ValueError(f"prompt must be a string or a message list, got {prompt!r:.80}")
+            record = {
+                "prompt": prompt,
+                "chosen": _response_text(row.get(chosen_key)),
+                "rejected": _response_text(row.get(rejected_key)),
+            }
+        except ValueError as err:
+            skipped += 1
+            first_error = first_error or str(err)
+            continue
+        used = set(keys.values())
+        record.update({k: v for k, v in row.items() if k not in used and k not in record and _is_number(v)})
+        records.append(record)
+        if limit is not None and len(records) >= limit:
+            break
+    _warn_skipped(path, skipped, len(rows), first_error)
+    return records
+
+
+# ------------------------------------------------------------------------------------------- Anthropic HH
+
+
+def _clean(text: str) -> str:
+    return re.sub(r" {2,}", " ", text).strip()
+
+
+def split_hh_transcript(text: str) -> tuple[list[dict], str]:
+    """Split an HH transcript into (prompt messages, final assistant reply).
+
+    "\\n\\nHuman: a\\n\\nAssistant: b\\n\\nHuman: c\\n\\nAssistant: d" ->
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", ...}], "d").
+    Raises ValueError when the text has no turns, text before the first turn, or does not end with an
+    assistant turn preceded by at least one message.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"HH transcript must be a string, got {type(text).__name__}")
+    parts = _HH_TURN.split(text)  # [preamble, speaker, content, speaker, content, ...]
+    if parts[0].strip():
+        raise ValueError(f"HH transcript has text before the first turn: {parts[0]!r:.60}")
+    turns = [{"role": _HH_ROLES[s], "content": _clean(c)} for s, c in zip(parts[1::2], parts[2::2])]
+    if len(turns) < 2 or turns[-1]["role"] != "assistant":
+        raise ValueError("HH transcript must end with an assistant turn that follows at least one message")
+    return turns[:-1], turns[-1]["content"]
+
+
+def _hh_record(row: dict) -> dict:
+    prompt, chosen = split_hh_transcript(row["chosen"])
+    rejected_text = row["rejected"]
+    if not isinstance(rejected_text, str) or _ASSISTANT_TAG not in rejected_text:
+        raise ValueError("rejected transcript has no assistant turn")
+    # as in the reference loaders, the rejected reply is whatever follows the last assistant tag
+    rejected = _clean(rejected_text[rejected_text.rfind(_ASSISTANT_TAG) + len(_ASSISTANT_TAG) :])
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def _hh_local_files(root: Path, split: str) -> list[Path]:
+    """Files of `split` under a directory laid out like the hub repo: `<subset>/train.jsonl.gz`, or
+    `train-00000-of-00001.parquet` shards."""
+    files = {
+        p
+        for p in root.rglob("*")
+        if p.is_file()
+        and (s := _suffix(p)) is not None
+        and (p.name[: -len(s)] == split or p.name.startswith(f"{split}-"))
+    }
+    return sorted(files)
+
+
+def load_hh_rlhf(
+    name_or_path: str = "Anthropic/hh-rlhf",
+    split: str = "train",
+    data_dir: str | None = None,
+    limit: int | None = None,
+) -> list[dict]:
+    """Anthropic HH-RLHF as records `{"prompt": [messages], "chosen": str, "rejected": str}`.
+
+    A local file, or a directory searched (recursively, below `data_dir` if given) for `<split>.jsonl[.gz]`,
+    `<split>.json`, `<split>.parquet` or `<split>-*.parquet`, is read directly; anything else goes to
+    `datasets.load_dataset(name_or_path, data_dir=data_dir, split=split)`. Malformed rows are skipped with a
+    counted warning.
+    """
+    _check_limit(limit)
+    local = Path(name_or_path)
+    if local.exists():
+        root = local / data_dir if data_dir and local.is_dir() else local
+        files = [root] if root.is_file() else _hh_local_files(root, split)
+        if not files:
+            raise FileNotFoundError(f"no '{split}' files (.jsonl[.gz], .json, .parquet) found under {root}")
+        rows: list[dict] = []
+        for file in files:
+            file_rows, columns = _read_rows(file)
+            _check_columns(file, columns, ("chosen", "rejected"))
+            rows.extend(file_rows)
+        source = root
+    else:
+        import datasets  # heavy import, only for the hub path
+
+        rows = datasets.load_dataset(name_or_path, data_dir=data_dir, split=split)
+        source = f"{name_or_path}[{split}]"
+
+    records, skipped, first_error = [], 0, None
+    for row in rows:
+        try:
+            records.append(_hh_record(row))
+        except (ValueError, KeyError, TypeError) as err:
+            skipped += 1
+            first_error = first_error or repr(err)
+            continue
+        if limit is not None and len(records) >= limit:
+            break
+    _warn_skipped(source, skipped, len(rows), first_error)
+    return records
+
+
+# ------------------------------------------------------------------------------------------ tokenisation
+
+
+def _check_lengths(max_length: int, max_prompt_length: int, truncation_mode: str) -> None:
+    if truncation_mode not in TRUNCATION_MODES:
+        raise ValueError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {truncation_mode!r}")
+    if not (isinstance(max_prompt_length, int) and max_prompt_length >= 1):
+        raise ValueError(f"max_prompt_length must be a positive integer, got {max_prompt_length!r}")
+    if not (isinstance(max_length, int) and max_length > max_prompt_length):
+        raise ValueError(
+            f"max_length must be an integer greater than max_prompt_length ({max_prompt_length}), got {max_length!r}"
+        )
+
+
+def _hh_text(messages: list[dict]) -> str:
+    """Plain HH rendering for tokenizers without a chat template; ends with "\\n\\nAssistant:"."""
+    tags = {"user": "\n\nHuman: ", "assistant": "\n\nAssistant: ", "system": ""}
+    unknown = {m["role"] for m in messages} - tags.keys()
+    if unknown:
+        raise ValueError(f"cannot render roles {sorted(unknown)} as HH text; accepted: {sorted(tags)}")
+    return "".join(tags[m["role"]] + m["content"] for m in messages) + "\n\nAssistant:"
+
+
+def tokenize_pair(
+    record: dict, tokenizer, max_length: int, max_prompt_length: int, truncation_mode: str = "keep_end"
+) -> dict:
+    """Tokenise one preference record the way the DPO reference code does.
+
+    Returns `{"chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels": list[int],
+    "prompt_length": int}`; input_ids = prompt + response + [eos] (before truncation), labels = input_ids with
+    the prompt positions set to -100. If prompt + the longer response exceeds `max_length`, the prompt is cut to
+    `max_prompt_length` tokens (`keep_end`: its last tokens), then, if still too long, both responses are cut to
+    `max_length - len(prompt)`.
+    """
+    _check_lengths(max_length, max_prompt_length, truncation_mode)
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("tokenizer has no eos_token_id; responses must end with EOS")
+    prompt = record["prompt"]
+    chosen, rejected = record["chosen"], record["rejected"]
+
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    else:
+        text = prompt if isinstance(prompt, str) else _hh_text(prompt)
+        prompt_ids = tokenizer(text)["input_ids"]
+        # plain-text continuation: the reference HH responses start with " " after "Assistant:"
+        if text and not text[-1].isspace():
+            chosen, rejected = (r if r[:1].isspace() else " " + r for r in (chosen, rejected))
+    chosen_ids = tokenizer(chosen, add_special_tokens=False)["input_ids"] + [eos]
+    rejected_ids = tokenizer(rejected, add_special_tokens=False)["input_ids"] + [eos]
+
+    longer = max(len(chosen_ids), len(rejected_ids))
+    if len(prompt_ids) + longer > max_length:
+        keep_end = truncation_mode == "keep_end"
+        prompt_ids = prompt_ids[-max_prompt_length:] if keep_end else prompt_ids[:max_prompt_length]
+    if len(prompt_ids) + longer > max_length:
+        room = max_length - len(prompt_ids)
+        chosen_ids, rejected_ids = chosen_ids[:room], rejected_ids[:room]
+
+    n = len(prompt_ids)
+    out: dict[str, Any] = {"prompt_length": n}
+    for name, response in (("chosen", chosen_ids), ("rejected", rejected_ids)):
+        out[f"{name}_input_ids"] = prompt_ids + response
+        out[f"{name}_labels"] = [IGNORE_INDEX] * n + response
+    return out
+
+
+def collate_pairs(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Stack B tokenised pairs into one right-padded batch, chosen rows first.
+
+    Returns input_ids (2B, L) padded with `pad_token_id`, attention_mask (2B, L) from the true lengths (pad may
+    equal eos, so it is never derived from the ids), labels (2B, L) padded with -100; ref_logps (2B,) float32 if
+    every feature carries `ref_chosen_logps`/`ref_rejected_logps`; index (B,) int64 if every feature has `index`.
+    """
+    if not features:
+        raise ValueError("collate_pairs needs at least one feature")
+    ids = [f["chosen_input_ids"] for f in features] + [f["rejected_input_ids"] for f in features]
+    labels = [f["chosen_labels"] for f in features] + [f["rejected_labels"] for f in features]
+    width = max(len(x) for x in ids)
+    batch = {
+        "input_ids": torch.full((len(ids), width), pad_token_id, dtype=torch.long),
+        "attention_mask": torch.zeros((len(ids), width), dtype=torch.long),
+        "labels": torch.full((len(ids), width), IGNORE_INDEX, dtype=torch.long),
+    }
+    for row, (x, y) in enumerate(zip(ids, labels)):
+        if len(x) != len(y):
+            raise ValueError(f"input_ids and labels differ in length ({len(x)} vs {len(y)}) in row {row}")
+        batch["input_ids"][row, : len(x)] = torch.tensor(x, dtype=torch.long)
+        batch["labels"][row, : len(y)] = torch.tensor(y, dtype=torch.long)
+        batch["attention_mask"][row, : len(x)] = 1
+    if all(
+        f.get("ref_chosen_logps") is not None and f.get("ref_rejected_logps") is not None for f in features
+    ):
+        ref = [f["ref_chosen_logps"] for f in features] + [f["ref_rejected_logps"] for f in features]
+        batch["ref_logps"] = torch.tensor(ref, dtype=torch.float32)
+    if all("index" in f for f in features):
+        batch["index"] = torch.tensor([f["index"] for f in features], dtype=torch.long)
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------- datamodule
+
+RecordSource = Callable[[], Iterable[dict]] | Iterable[dict]
+
+
+class PreferenceDataModule(L.LightningDataModule):
+    """Tokenised preference pairs for DPO-family training.
+
+    `source` / `val_source` are zero-argument callables returning records (e.g. a `functools.partial` of a
+    loader) or record lists. Without `val_source`, `val_fraction` of the records (at least one) is held out,
+    chosen by `random.Random(seed)`; `limit` then caps the training records. Batches come from `collate_pairs`.
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        source: RecordSource,
+        name: str = "preferences",
+        val_source: RecordSource | None = None,
+        max_length: int = 512,
+        max_prompt_length: int = 256,
+        truncation_mode: str = "keep_end",
+        batch_size: int = 4,
+        eval_batch_size: int | None = None,
+        val_fraction: float = 0.1,
+        limit: int | None = None,
+        seed: int = 0,
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        _check_lengths(max_length, max_prompt_length, truncation_mode)
+        eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
+        for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"{key} must be a positive integer, got {value!r}")
+        if not (isinstance(val_fraction, (int, float)) and 0 < val_fraction < 1):
+            raise ValueError(f"val_fraction must be in the open interval (0, 1), got {val_fraction!r}")
+        _check_limit(limit)
+        if not (isinstance(num_workers, int) and num_workers >= 0):
+            raise ValueError(f"num_workers must be a non-negative integer, got {num_workers!r}")
+        for key, value in (("source", source), ("val_source", val_source)):
+            if value is not None and (
+                isinstance(value, (str, bytes)) or not (callable(value) or isinstance(value, Iterable))
+            ):
+                raise TypeError(
+                    f"{key} must be a zero-argument callable or a list of records, got {type(value).__name__}"
+                )
+        if tokenizer.eos_token_id is None:
+            raise ValueError("tokenizer has no eos_token_id")
+
+        self.tokenizer = tokenizer
+        self.source, self.val_source, self.name = source, val_source, name
+        self.max_length, self.max_prompt_length, self.truncation_mode = (
+            max_length,
+            max_prompt_length,
+            truncation_mode,
+        )
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.val_fraction, self.limit, self.seed, self.num_workers = val_fraction, limit, seed, num_workers
+        pad = tokenizer.pad_token_id
+        self.pad_token_id: int = tokenizer.eos_token_id if pad is None else pad
+        self.train_records: list[dict] | None = None
+        self.val_records: list[dict] | None = None
+        self.train_features: list[dict] | None = None
+        self.val_features: list[dict] | None = None
+
+    @staticmethod
+    def _load(source: RecordSource, key: str) -> list[dict]:
+        records = list(source() if callable(source) else source)
+        for i, r in enumerate(records):
+            if not isinstance(r, dict) or not {"prompt", "chosen", "rejected"} <= r.keys():
+                raise ValueError(
+                    f"{key} record {i} must be a dict with prompt/chosen/rejected, got {r!r:.120}"
+                )
+        return records
+
+    def _split(self, records: list[dict]) -> tuple[list[dict], list[dict]]:
+        n_val = max(1, round(self.val_fraction * len(records)))
+        if n_val >= len(records):
+            raise ValueError(
+                f"{self.name}: cannot hold out {n_val} of {len(records)} records for validation; "
+                "provide more records, a smaller val_fraction, or val_source"
+            )
+        order = list(range(len(records)))
+        random.Random(self.seed).shuffle(order)
+        val_ids = set(order[:n_val])
+        # keep the source order inside each split so `limit` takes a stable prefix
+        train = [r for i, r in enumerate(records) if i not in val_ids]
+        val = [r for i, r in enumerate(records) if i in val_ids]
+        return train, val
+
+    def _tokenize(self, records: list[dict]) -> list[dict]:
+        tok = functools.partial(
+            tokenize_pair,
+            tokenizer=self.tokenizer,
+            max_length=self.max_length,
+            max_prompt_length=self.max_prompt_length,
+            truncation_mode=self.truncation_mode,
+        )
+        return [{**tok(r), "index": i} for i, r in enumerate(records)]
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load, split and tokenise once; later calls are no-ops."""
+        if self.train_features is not None:
+            return
+        records = self._load(self.source, "source")
+        if self.val_source is None:
+            train, val = self._split(records)
+        else:
+            train, val = records, self._load(self.val_source, "val_source")
+        if self.limit is not None:
+            train = train[: self.limit]
+        if not train or not val:
+            raise ValueError(f"{self.name}: empty split ({len(train)} train / {len(val)} val records)")
+        self.train_records, self.val_records = train, val
+        self.train_features, self.val_features = self._tokenize(train), self._tokenize(val)
+        n_cut = sum(
+            len(f["chosen_input_ids"]) == self.max_length or len(f["rejected_input_ids"]) == self.max_length
+            for f in self.train_features
+        )
+        log.info(
+            "%s: %d train / %d val pairs (%d train pairs at max_length=%d)",
+            self.name,
+            len(train),
+            len(val),
+            n_cut,
+            self.max_length,
+        )
+
+    def _loader(self, features: list[dict], batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            features,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+            collate_fn=functools.partial(collate_pairs, pad_token_id=self.pad_token_id),
+            num_workers=self.num_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._loader(self.train_features, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._loader(self.val_features, self.eval_batch_size, shuffle=False)
+
+    def attach_reference_logps(self, split: str, values: dict[int, tuple[float, float]]) -> None:
+        """Store precomputed reference log-probs `{index: (chosen, rejected)}` on the `split` features, so
+        batches carry `ref_logps` and the reference model need not run again (DPO/IPO)."""
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        features = self.train_features if split == "train" else self.val_features
+        if features is None:
+            raise RuntimeError("call setup() before attach_reference_logps()")
+        for index, (chosen, rejected) in values.items():
+            index = int(index)
+            if not 0 <= index < len(features):
+                raise KeyError(f"{split} index {index} out of range [0, {len(features)})")
+            features[index]["ref_chosen_logps"] = float(chosen)
+            features[index]["ref_rejected_logps"] = float(rejected)

@@ -1,0 +1,122 @@
+"""Causal language models: loaders Hydra points at from `conf/model/*.yaml`, and the policy/reference pair.
+
+Every loader returns `(model, tokenizer)`. Remote code is never trusted: a hub model must be a transformers
+architecture.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+SMOLLM2_TOKENIZER = ASSETS / "smollm2_tokenizer"
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"model.dtype={name!r} is unknown; accepted: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_tokenizer(name_or_path: str | Path, revision: str | None = None):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), revision=revision, trust_remote_code=False)
+    if tokenizer.pad_token_id is None:
+        # GPT-2 / Pythia have no pad token; padding is masked by the attention mask, never by id
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def tiny_llama(
+    tokenizer: str | None = None,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 128,
+    max_position_embeddings: int = 1024,
+    init_seed: int = 0,
+    dtype: str = "float32",
+):
+    """A random-init Llama-style model with a real tokenizer (SmolLM2's, shipped in the repo), for tests."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = load_tokenizer(tokenizer or SMOLLM2_TOKENIZER)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=max_position_embeddings,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    # a fixed init seed: the "pretrained" tiny model is the same across runs and seeds, like a real checkpoint
+    with torch.random.fork_rng():
+        torch.manual_seed(init_seed)
+        model = LlamaForCausalLM(config)
+    return model.to(torch_dtype(dtype)), tok
+
+
+def from_pretrained(name_or_path: str, revision: str | None = None, dtype: str = "float32",
+                    attn_implementation: str | None = None):
+    """A hub model by name (needs a network) or a local directory saved with `save_pretrained`."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = AutoModelForCausalLM.from_pretrained(
+        str(name_or_path), revision=revision, dtype=torch_dtype(dtype), trust_remote_code=False, **kwargs
+    )
+    return model, load_tokenizer(name_or_path, revision)
+
+
+def build_policy_and_reference(loader, path: str | None = None, ref_path: str | None = None,
+                               dtype: str = "float32", need_reference: bool = True):
+    """The trainable policy, its frozen reference and the tokenizer.
+
+    `loader()` gives the base model. `path` starts the policy from an exported run (`<run>/policy`, e.g. an
+    SFT step); `ref_path` takes the reference from another exported run (RSA/SACPO step 2 uses the step-1
+    policy); by default the reference is a frozen copy of the initial policy.
+    """
+    if path:
+        policy, tokenizer = from_pretrained(_existing(path, "model.path"), dtype=dtype)
+    else:
+        policy, tokenizer = loader()
+    reference = None
+    if need_reference:
+        if ref_path:
+            reference, _ = from_pretrained(_existing(ref_path, "model.ref_path"), dtype=dtype)
+        else:
+            reference = copy.deepcopy(policy)
+        reference.requires_grad_(False).eval()
+    return policy, reference, tokenizer
+
+
+def _existing(path: str, key: str) -> str:
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"{key}={path!r} is not a directory; expected a run's exported policy, e.g. runs/<...>/policy")
+    return path
+
+
+def trunk_and_head(model: nn.Module):
+    """Split a causal LM into (trunk returning hidden states, output head), or None if the head is not a plain
+    projection (logit soft-capping or scaling), in which case callers use the full forward."""
+    config = model.config
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        return None
+    head = model.get_output_embeddings()
+    trunk = getattr(model, model.base_model_prefix, None)
+    if head is None or trunk is None or trunk is model:
+        return None
+    return trunk, head

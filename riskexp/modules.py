@@ -1,0 +1,186 @@
+"""Lightning modules: one per algorithm family.
+
+`PolicyModule` holds what every family shares: a trainable policy, an optional frozen reference that is
+never optimised, never checkpointed and always in eval mode, and the optimizer/schedule wiring.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from riskexp.logps import SequenceStats, sequence_stats
+from riskexp.models import trunk_and_head
+from riskexp.objectives import implicit_reward_accuracy
+from riskexp.risk import Mean, RiskMeasure
+
+REFERENCE_PREFIX = "reference."
+
+
+def disable_dropout(model: nn.Module) -> None:
+    # the DPO/TDPO reference code trains without dropout: it would make the policy/reference ratio noisy
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
+def hidden_and_head(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Callable | None]:
+    """Final hidden states (N, L, H) and the output head, so logits can be made chunk by chunk; or full
+    logits (N, L, V) and None for models whose head is not a plain projection."""
+    split = trunk_and_head(model)
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    if split is None:
+        return model(**inputs).logits, None
+    trunk, head = split
+    return trunk(**inputs).last_hidden_state, head
+
+
+class PolicyModule(L.LightningModule):
+    def __init__(self, policy: nn.Module, reference: nn.Module | None, optimizer: Callable, scheduler: Callable | None):
+        super().__init__()
+        self.policy = policy
+        self.reference = reference
+        disable_dropout(policy)
+        if reference is not None:
+            disable_dropout(reference)
+            reference.requires_grad_(False).eval()
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        # checkpoints hold the policy only; loading one must not demand reference weights
+        self.strict_loading = False
+
+    def state_dict(self, *args, **kwargs):
+        state = super().state_dict(*args, **kwargs)
+        return type(state)((k, v) for k, v in state.items() if not k.startswith(REFERENCE_PREFIX))
+
+    def train(self, mode: bool = True):
+        # Lightning calls .train() on the whole module at every epoch start; the reference stays in eval
+        super().train(mode)
+        if self.reference is not None:
+            self.reference.eval()
+        return self
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory([p for p in self.policy.parameters() if p.requires_grad])
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer, total_steps=int(self.trainer.estimated_stepping_batches))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class PreferenceModule(PolicyModule):
+    """DPO, IPO, TDPO1/2, Ra-DPO1/2 (and the stepwise methods built from them) with automatic optimisation.
+
+    Batches are the concatenated rows [chosen..., rejected...] of `riskexp.data.collate_pairs`; the policy
+    runs once over them, the reference once under no_grad (or not at all when a sequence-level objective
+    uses precomputed reference log-probs).
+    """
+
+    def __init__(
+        self,
+        policy: nn.Module,
+        reference: nn.Module,
+        objective,
+        optimizer: Callable,
+        scheduler: Callable | None = None,
+        risk: RiskMeasure | None = None,
+        chunk_size: int = 64,
+        precompute_ref_logps: bool = False,
+    ):
+        super().__init__(policy, reference, optimizer, scheduler)
+        if reference is None:
+            raise ValueError("preference objectives need a reference model")
+        self.objective = objective
+        self.risk = risk if risk is not None else Mean()  # the across-samples role: tail of validation margins
+        self.chunk_size = chunk_size
+        self.precompute_ref_logps = precompute_ref_logps and not objective.uses_vocab_terms
+        self._val_margins: list[Tensor] = []
+
+    def sequence_stats(self, batch: dict[str, Tensor], vocab_terms: bool) -> SequenceStats:
+        policy_hidden, policy_head = hidden_and_head(self.policy, batch)
+        ref_logps = None if vocab_terms else batch.get("ref_logps")
+        ref_hidden = ref_head = None
+        if ref_logps is None:
+            with torch.no_grad():
+                ref_hidden, ref_head = hidden_and_head(self.reference, batch)
+        return sequence_stats(
+            policy_hidden,
+            batch["labels"],
+            ref_hidden,
+            policy_head=policy_head,
+            ref_head=ref_head,
+            vocab_terms=vocab_terms,
+            vocab_risk=self.objective.vocab_risk if vocab_terms else None,
+            ref_logps=ref_logps,
+            chunk_size=self.chunk_size,
+        )
+
+    def _step(self, batch: dict[str, Tensor], stage: str, vocab_terms: bool) -> tuple[Tensor, Tensor]:
+        stats = self.sequence_stats(batch, vocab_terms)
+        out = self.objective(stats)
+        loss = out.losses.mean()
+        half = out.losses.shape[0]
+        logratios = stats.logratios.detach()
+        metrics = {
+            "reward_chosen": out.chosen_rewards.mean(),
+            "reward_rejected": out.rejected_rewards.mean(),
+            "reward_margin": (out.chosen_rewards - out.rejected_rewards).mean(),
+            "reward_accuracy": (out.chosen_rewards > out.rejected_rewards).float().mean(),
+            "implicit_accuracy": implicit_reward_accuracy(logratios[:half], logratios[half:]),
+            "logp_chosen": stats.policy_logps[:half].detach().mean(),
+            "logp_rejected": stats.policy_logps[half:].detach().mean(),
+        }
+        if stats.seq_kl is not None:
+            metrics |= {"kl_chosen": stats.seq_kl[:half].mean(), "kl_rejected": stats.seq_kl[half:].mean()}
+        if stats.seq_kl is not None and self.objective.vocab_risk is not None:
+            metrics |= {"risk_ratio_chosen": stats.seq_risk[:half].mean(),
+                        "risk_ratio_rejected": stats.seq_risk[half:].mean()}
+        self.log_dict({f"{stage}/{k}": v.detach().float() for k, v in metrics.items()},
+                      prog_bar=False, batch_size=half, sync_dist=stage != "train")
+        self.log(f"{stage}/loss", loss.detach(), prog_bar=True, batch_size=half, sync_dist=stage != "train")
+        return loss, logratios[:half] - logratios[half:]
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss, _ = self._step(batch, "train", vocab_terms=self.objective.uses_vocab_terms)
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        # the sequential KL is computed for every method in validation, so curves are comparable
+        _, margins = self._step(batch, "val", vocab_terms=True)
+        self._val_margins.append(margins.float())
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_margins:
+            return
+        # the tail over the *whole* validation set (gathered across ranks), never an average of batch tails
+        margins = self.all_gather(torch.cat(self._val_margins)).flatten()
+        self._val_margins.clear()
+        self.log("val/margin_risk", self.risk.lower_tail(margins), sync_dist=False, rank_zero_only=True)
+
+    def on_fit_start(self) -> None:
+        if self.precompute_ref_logps:
+            self.attach_reference_logps(self.trainer.datamodule)
+
+    @torch.no_grad()
+    def attach_reference_logps(self, datamodule) -> None:
+        """Reference sequence log-probs, computed once per fit and reused every epoch (DPO, IPO)."""
+        from riskexp.data import collate_pairs
+
+        pad_id = datamodule.pad_token_id
+        for split, features in (("train", datamodule.train_features), ("val", datamodule.val_features)):
+            loader = DataLoader(features, batch_size=datamodule.eval_batch_size, shuffle=False,
+                                collate_fn=partial(collate_pairs, pad_token_id=pad_id))
+            values = {}
+            for batch in loader:
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                hidden, head = hidden_and_head(self.reference, batch)
+                ref_logps = sequence_stats(hidden, batch["labels"], policy_head=head, chunk_size=self.chunk_size).policy_logps
+                half = ref_logps.shape[0] // 2
+                for i, index in enumerate(batch["index"].tolist()):
+                    values[index] = (ref_logps[i].item(), ref_logps[half + i].item())
+            datamodule.attach_reference_logps(split, values)

@@ -1,0 +1,154 @@
+import json
+import logging
+import math
+
+import pandas as pd
+import pytest
+
+from riskexp import report
+
+ALPHAS = (0.05, 0.1)
+BETAS = (0.1, 0.5)
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def write_run(directory, **results):
+    directory.mkdir(parents=True)
+    (directory / "results.json").write_text(json.dumps(results))
+    return directory
+
+
+def run_results(alpha, beta, seed):
+    # Seed 1 adds 0.02 to every eval number: per group mean = seed-0 value + 0.01, sd = 0.02 / sqrt(2).
+    return {
+        "algo": "ra_dpo", "variant": 1, "risk": "cvar", "alpha": alpha, "beta": beta, "seed": seed,
+        "model": "tiny", "steps": 20, "status": "finished", "wall_time_s": 1.0 + seed,
+        "train/loss": 0.7, "val/loss": 0.68, "val/reward_accuracy": 0.5,
+        "eval/reward_mean": alpha + beta + 0.02 * seed, "eval/kl": 10 * alpha * beta + 0.02 * seed,
+        "eval/reward_cvar": -alpha + 0.02 * seed,
+        "ref_eval/reward_mean": 0.1, "ref_eval/kl": 0.0,
+    }  # fmt: skip
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    root = tmp_path / "sweep"
+    for alpha in ALPHAS:
+        for beta in BETAS:
+            for seed in (0, 1):
+                write_run(root / f"alpha={alpha},beta={beta},seed={seed}", **run_results(alpha, beta, seed))
+    return root
+
+
+def table_rows(markdown):
+    lines = markdown.strip().splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
+
+
+def test_collect_finds_every_run_once(sweep):
+    df = report.collect([sweep, next(sweep.iterdir())])  # overlapping paths must not duplicate a run
+    assert len(df) == 8
+    assert set(df["run_dir"]) == {str(d) for d in sweep.iterdir()}
+
+
+def test_summary_mean_sd_and_markdown(sweep):
+    summary = report.summarize(report.collect(sweep))
+    assert len(summary) == 4
+    assert list(summary["n"]) == [2, 2, 2, 2]
+    assert list(zip(summary["alpha"], summary["beta"])) == [(a, b) for a in ALPHAS for b in BETAS]
+    first = summary.iloc[0]
+    assert first["eval/reward_mean_mean"] == pytest.approx(0.16)
+    assert first["eval/reward_mean_sd"] == pytest.approx(0.02 / math.sqrt(2))
+
+    rows = table_rows(report.to_markdown(summary))
+    assert len(rows) == 4
+    assert rows[0]["alpha"] == "0.05" and rows[0]["beta"] == "0.1" and rows[0]["n"] == "2"
+    assert rows[0]["eval/reward_mean"] == "0.160 ± 0.014"
+    assert rows[3]["eval/reward_mean"] == "0.610 ± 0.014"
+    assert rows[3]["eval/reward_cvar"] == "-0.090 ± 0.014"
+    assert rows[0]["val/loss"] == "0.680 ± 0"
+
+
+def test_default_metrics_are_prefixed_keys_and_steps(sweep):
+    metrics = report.default_metrics(report.collect(sweep))
+    assert metrics == [
+        "eval/kl", "eval/reward_cvar", "eval/reward_mean", "ref_eval/kl", "ref_eval/reward_mean",
+        "val/loss", "val/reward_accuracy", "steps",
+    ]  # fmt: skip
+
+
+def test_cli_writes_table_csv_and_plots(sweep, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert report.main([str(sweep), "--out", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert stdout == (out / "report.md").read_text()
+    assert len(table_rows(stdout)) == 4
+
+    csv = pd.read_csv(out / "report.csv")
+    assert len(csv) == 4
+    assert {"algo", "variant", "risk", "alpha", "beta", "n", "eval/reward_mean_mean", "eval/reward_mean_sd",
+            "steps_mean", "steps_sd"} <= set(csv.columns)  # fmt: skip
+    assert "train/loss_mean" not in csv.columns
+    assert csv["eval/kl_mean"].iloc[0] == pytest.approx(0.06)
+
+    for name in ("reward_vs_kl.png", "cvar_vs_alpha.png"):
+        assert (out / name).read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_single_run_dir_shows_plain_mean_and_empty_missing_keys(tmp_path, capsys):
+    results = run_results(0.1, 0.5, 0)
+    del results["variant"]
+    run = write_run(tmp_path / "run", **results)
+    assert report.main([str(run)]) == 0  # outputs default to the run dir itself
+    (row,) = table_rows(capsys.readouterr().out)
+    assert row["variant"] == "" and row["n"] == "1"
+    assert row["eval/reward_mean"] == "0.600"
+    assert (run / "report.csv").exists() and (run / "reward_vs_kl.png").exists()
+
+
+def test_plots_are_skipped_without_generation_eval(tmp_path, capsys):
+    results = {k: v for k, v in run_results(0.1, 0.5, 0).items() if not k.startswith(("eval/", "ref_eval/"))}
+    run = write_run(tmp_path / "run", **results)
+    assert report.main([str(run)]) == 0
+    assert "note: skipping reward_vs_kl.png" in capsys.readouterr().err
+    assert report.plot(report.collect(run), tmp_path / "plots") == []
+    assert not list(tmp_path.rglob("*.png"))
+
+
+def test_plot_accepts_a_summary(sweep, tmp_path):
+    summary = report.summarize(report.collect(sweep))
+    assert [p.name for p in report.plot(summary, tmp_path)] == ["reward_vs_kl.png", "cvar_vs_alpha.png"]
+
+
+def test_empty_dir_exits_with_status_2(tmp_path, capsys):
+    empty = tmp_path / "nothing_here"
+    empty.mkdir()
+    assert report.main([str(empty)]) == 2
+    assert str(empty) in capsys.readouterr().err
+
+
+def test_unreadable_results_are_skipped_with_a_warning(sweep, caplog):
+    bad = sweep / "broken" / "results.json"
+    bad.parent.mkdir()
+    bad.write_text("{not json")
+    with caplog.at_level(logging.WARNING, logger="riskexp.report"):
+        df = report.collect(sweep)
+    assert len(df) == 8
+    assert str(bad) in caplog.text
+
+
+def test_explicit_metrics(sweep, capsys):
+    assert report.main([str(sweep), "--metrics", "eval/kl,wall_time_s", "--group-by", "algo,beta"]) == 0
+    rows = table_rows(capsys.readouterr().out)
+    assert len(rows) == 2  # grouped by beta only: both alphas and seeds pooled
+    assert list(rows[0]) == ["algo", "beta", "eval/kl", "wall_time_s", "n"]
+    assert rows[0]["n"] == "4" and rows[0]["wall_time_s"] == "1.500 ± 0.577"
+
+
+def test_unknown_metric_is_an_error_listing_available(sweep, capsys):
+    assert report.main([str(sweep), "--metrics", "eval/kl,eval/nope"]) == 2
+    err = capsys.readouterr().err
+    assert "eval/nope" in err and "available" in err and "eval/reward_cvar" in err
+    with pytest.raises(ValueError, match="unknown metric"):
+        report.summarize(report.collect(sweep), metrics=["status"])  # not numeric
