@@ -70,7 +70,12 @@ def run(cfg: DictConfig) -> dict:
 
 
 def _train(cfg: DictConfig, out: Path) -> dict:
+    import warnings
+
     import lightning as L
+
+    # the frozen reference is in eval mode on purpose
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
 
     from riskexp.models import build_policy_and_reference
 

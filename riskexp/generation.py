@@ -1,0 +1,239 @@
+"""Sampling from a causal LM and scoring text under it: batched generation, completion log-probs, perplexity.
+
+Prompts are tokenised the way `riskexp.data.preference.tokenize_pair` does: a chat-rendered prompt already
+holds its special tokens (`add_special_tokens=False`), a raw continuation prompt gets the tokenizer's own
+(a BOS for Llama tokenizers, nothing for SmolLM2 / GPT-2). Padding never comes from token ids: pad may equal
+eos, so every batch carries an attention mask built from the true lengths.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from riskexp.logps import IGNORE_INDEX, sequence_stats
+from riskexp.models import trunk_and_head
+
+
+def render_prompts(tokenizer, prompts: Sequence[str], chat: bool) -> list[str]:
+    """The text the model sees: the chat template around one user turn (chat=True), or the prompt as is."""
+    prompts = list(prompts)
+    if not chat:
+        return prompts
+    if not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise ValueError(f"chat=True but tokenizer {name!r} has no chat template; use chat=False for plain text")
+    return [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+        for p in prompts
+    ]
+
+
+def _prompt_ids(tokenizer, prompts: Sequence[str], chat: bool) -> list[list[int]]:
+    texts = render_prompts(tokenizer, prompts, chat)
+    ids = tokenizer(texts, add_special_tokens=not chat)["input_ids"] if texts else []
+    empty = [i for i, x in enumerate(ids) if not x]
+    if empty:
+        # a causal LM needs at least one token to condition on (raw prompts get no BOS from e.g. SmolLM2)
+        raise ValueError(f"prompt(s) at index {empty[:5]} tokenise to no tokens; nothing to condition on")
+    return ids
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@contextlib.contextmanager
+def _eval_mode(model) -> Iterator[None]:
+    """Eval mode (no dropout) for the duration; the caller's train/eval mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _batches(lengths: Sequence[int], batch_size: int, descending: bool = True) -> list[list[int]]:
+    """Indices grouped by length so each batch pads little; longest first, so memory errors show up at once."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=descending)
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _pad(rows: list[list[int]], pad_id: int, left: bool, fill: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention_mask) of a list of token lists, padded on the left or the right."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id if fill is None else fill, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        span = slice(width - len(r), width) if left else slice(0, len(r))
+        ids[i, span] = torch.tensor(r, dtype=torch.long)
+        mask[i, span] = 1
+    return ids, mask
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    # the model's generation config may list several stop tokens (Llama 3); the tokenizer's eos always stops
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def _pad_id(tokenizer) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("tokenizer has neither a pad nor an eos token")
+    return pad
+
+
+def generate_with_lengths(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 48,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    do_sample: bool = True,
+    batch_size: int = 32,
+    seed: int = 0,
+    chat: bool = False,
+    progress: bool = True,
+) -> tuple[list[str], list[int]]:
+    """`generate`, plus the number of new tokens of each completion (up to, not counting, the first stop)."""
+    if do_sample and not temperature > 0:
+        raise ValueError(f"temperature={temperature!r} must be > 0 when sampling; use do_sample=False for greedy")
+    if not prompts:
+        return [], []
+    ids = _prompt_ids(tokenizer, prompts, chat)
+    pad_id, eos_ids = _pad_id(tokenizer), _eos_ids(model, tokenizer)
+    sampling = {"do_sample": False}
+    if do_sample:
+        # top_k=0 switches off transformers' default top-k of 50: samples come from the tempered / nucleus
+        # distribution that was asked for, which the KL estimate on the policy's own samples relies on
+        sampling = {"do_sample": True, "temperature": float(temperature), "top_p": float(top_p), "top_k": 0}
+    device = _device(model)
+    texts: list[str | None] = [None] * len(ids)
+    lengths = [0] * len(ids)
+    # fork the RNGs the sampler draws from, so the caller's global random state is left as it was
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with _eval_mode(model), torch.random.fork_rng(devices=cuda), torch.no_grad():
+        torch.manual_seed(seed)
+        for batch in tqdm(_batches([len(x) for x in ids], batch_size), desc="generate", disable=not progress):
+            # left padding is done here, not through tokenizer.padding_side: a shared tokenizer is never mutated
+            input_ids, mask = _pad([ids[i] for i in batch], pad_id, left=True)
+            out = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pad_id,
+                eos_token_id=eos_ids or None,
+                use_cache=True,
+                **sampling,
+            )
+            new = out[:, input_ids.shape[1] :].cpu()
+            for row, i in enumerate(batch):
+                tokens = new[row].tolist()
+                stop = next((t for t, tok in enumerate(tokens) if tok in eos_ids), len(tokens))
+                lengths[i] = stop
+                texts[i] = tokenizer.decode(tokens[:stop], skip_special_tokens=True)
+    return texts, lengths
+
+
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 48,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    do_sample: bool = True,
+    batch_size: int = 32,
+    seed: int = 0,
+    chat: bool = False,
+    progress: bool = True,
+) -> list[str]:
+    """One completion per prompt (new text only, special tokens dropped), in the prompts' order.
+
+    Batches group prompts of similar length and are left-padded with an attention mask (the tokenizer's own
+    `padding_side` is not touched); generation stops at
+    eos or after `max_new_tokens`. The same `seed`, prompts and batch size give the same completions, and the
+    global RNG state is untouched. The model is evaluated in eval mode and returned to its previous mode.
+    """
+    texts, _ = generate_with_lengths(
+        model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+        do_sample=do_sample, batch_size=batch_size, seed=seed, chat=chat, progress=progress,
+    )
+    return texts
+
+
+def _sequence_sums(model, input_ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor):
+    """`sequence_stats` of one right-padded batch under `model` (no grad)."""
+    device = _device(model)
+    input_ids, mask, labels = input_ids.to(device), mask.to(device), labels.to(device)
+    split = trunk_and_head(model)
+    if split is None:
+        logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+        return sequence_stats(logits, labels)
+    # hidden states + the head: sequence_stats forms the (N, chunk, V) logits a chunk at a time, never (N, L, V)
+    trunk, head = split
+    hidden = trunk(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
+    return sequence_stats(hidden, labels, policy_head=head)
+
+
+def _labelled(rows: list[tuple[list[int], list[int]]], pad_id: int):
+    """Right-padded (ids, mask, labels) of (context, scored tokens) pairs; labels are -100 on the context."""
+    ids, mask = _pad([c + s for c, s in rows], pad_id, left=False)
+    labels, _ = _pad([[IGNORE_INDEX] * len(c) + s for c, s in rows], pad_id, left=False, fill=IGNORE_INDEX)
+    return ids, mask, labels
+
+
+def completion_logps(
+    model, tokenizer, prompts: Sequence[str], completions: Sequence[str], *, chat: bool = False, batch_size: int = 16
+) -> torch.Tensor:
+    """sum_t log pi(y_t | x, y_<t) of each completion given its prompt under `model`, float32 (N,) on the CPU.
+
+    The completion is tokenised on its own after the prompt's tokens (as in `tokenize_pair`), without an eos:
+    a decoded sample does not say whether it stopped at eos or at the length limit. KL(pi || ref) on pi's own
+    samples is then estimated by mean(completion_logps(pi) - completion_logps(ref)).
+    """
+    if len(prompts) != len(completions):
+        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+    if not prompts:
+        return torch.zeros(0)
+    prompt_ids = _prompt_ids(tokenizer, prompts, chat)
+    completion_ids = tokenizer(list(completions), add_special_tokens=False)["input_ids"]
+    rows = list(zip(prompt_ids, completion_ids))
+    out = torch.zeros(len(rows))
+    pad_id = _pad_id(tokenizer)
+    with _eval_mode(model), torch.no_grad():
+        for batch in _batches([len(c) + len(s) for c, s in rows], batch_size):
+            stats = _sequence_sums(model, *_labelled([rows[i] for i in batch], pad_id))
+            out[batch] = stats.policy_logps.float().cpu()
+    return out
+
+
+def perplexity(model, tokenizer, texts: Sequence[str], *, batch_size: int = 16, max_length: int = 256) -> float:
+    """exp(total NLL / total predicted tokens) over `texts`, each cut to its first `max_length` tokens."""
+    ids = [x[:max_length] for x in tokenizer(list(texts))["input_ids"]] if texts else []
+    # every token but the first is predicted (the first has no context)
+    rows = [(x[:1], x[1:]) for x in ids if len(x) > 1]
+    if not rows:
+        raise ValueError("perplexity needs at least one text of two or more tokens")
+    nll, count = 0.0, 0
+    pad_id = _pad_id(tokenizer)
+    with _eval_mode(model), torch.no_grad():
+        for batch in _batches([len(c) + len(s) for c, s in rows], batch_size):
+            stats = _sequence_sums(model, *_labelled([rows[i] for i in batch], pad_id))
+            nll -= stats.policy_logps.double().sum().item()
+            count += int(stats.n_tokens.sum().item())
+    return math.exp(nll / count)

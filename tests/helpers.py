@@ -1,0 +1,22 @@
+"""Helpers shared by the tests: compose the real config as `python -m riskexp` would."""
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+import riskexp.schema  # noqa: F401  (registers schemas and resolvers)
+from riskexp.cli import CONF_DIR
+
+
+def compose_config(overrides=(), output_dir=None):
+    """The composed config for a command line, with hydra.runtime.output_dir pointed at `output_dir`."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
+        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+    if output_dir is not None:
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = str(output_dir)
+            cfg.hydra.job.override_dirname = "test"
+        HydraConfig.instance().set_config(cfg)
+    return cfg
