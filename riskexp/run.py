@@ -39,6 +39,43 @@ def describe(cfg: DictConfig) -> dict:
     }
 
 
+def datamodule_config(cfg: DictConfig) -> DictConfig:
+    """The data group without its `task` (evaluation) and `build` (preference building) sections."""
+    return OmegaConf.masked_copy(cfg.data, [k for k in cfg.data if k not in ("task", "build")])
+
+
+def evaluate_task(cfg: DictConfig, policy, reference, tokenizer) -> tuple[dict, list[dict]]:
+    """Sample, score and compare the policy with the reference on the task's held-out prompts."""
+    from riskexp.evaluation import compare
+
+    task, settings = cfg.data.task, cfg.eval
+    prompts = instantiate(task.prompts)[: settings.num_prompts]
+    heldout = instantiate(task.heldout_texts)[: settings.num_heldout_texts] if task.get("heldout_texts") else None
+    return compare(
+        policy, reference, tokenizer, prompts,
+        reward=instantiate(task.reward),
+        cost=instantiate(task.cost) if task.get("cost") else None,
+        alphas=list(settings.alphas),
+        cost_threshold=settings.cost_threshold,
+        heldout_texts=heldout,
+        max_new_tokens=settings.max_new_tokens,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        batch_size=settings.batch_size,
+        seed=cfg.seed,
+        chat=task.chat,
+    )
+
+
+def log_evaluation(logger, metrics: dict, rows: list[dict], n_rows: int) -> None:
+    if not logger:
+        return
+    logger.log_metrics(metrics)
+    if hasattr(logger, "log_table") and rows:
+        columns = list(rows[0])
+        logger.log_table("eval/samples", columns=columns, data=[[r[c] for c in columns] for r in rows[:n_rows]])
+
+
 def build_logger(cfg: DictConfig):
     if not cfg.logger or cfg.logger.get("_target_") is None:
         return False
@@ -87,14 +124,15 @@ def _train(cfg: DictConfig, out: Path) -> dict:
     policy, reference, tokenizer = build_policy_and_reference(
         loader, cfg.model.path, cfg.model.ref_path, cfg.model.dtype
     )
-    datamodule = instantiate(cfg.data, tokenizer=tokenizer)
+    datamodule = instantiate(datamodule_config(cfg), tokenizer=tokenizer)
+    # SFT has no objective and no use for a risk measure
+    objective_kwargs = {"objective": objective, "risk": risk} if objective is not None else {}
     module = instantiate(cfg.algo.module)(
         policy=policy,
         reference=reference,
-        objective=objective,
-        risk=risk,
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
+        **objective_kwargs,
     )
 
     logger = build_logger(cfg)
@@ -121,6 +159,13 @@ def _train(cfg: DictConfig, out: Path) -> dict:
         **{k: float(v) for k, v in train_metrics.items()},
         **{k: float(v) for k, v in val_metrics.items()},
     }
+    if cfg.eval.enabled and cfg.data.get("task") and trainer.is_global_zero:
+        metrics, rows = evaluate_task(cfg, module.policy, module.reference, tokenizer)
+        results |= metrics
+        log_evaluation(logger, metrics, rows, cfg.eval.samples_logged)
+        from riskexp.evaluation import format_comparison
+
+        print(f"\n{cfg.algo.name} on {cfg.data.name}, {out}\n{format_comparison(results)}\n", flush=True)
     if cfg.save_policy and trainer.is_global_zero:
         policy.save_pretrained(out / "policy")
         tokenizer.save_pretrained(out / "policy")

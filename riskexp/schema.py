@@ -49,6 +49,7 @@ class RiskexpConfig:
     scheduler: Any = None
     trainer: Any = MISSING
     logger: Any = None
+    eval: Any = None
 
 
 @dataclass

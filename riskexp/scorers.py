@@ -38,22 +38,20 @@ __all__ = [
     "HubClassifier",
     "join_texts",
     "minilm_embed",
-    "SCORERS",
-    "build_scorer",
     "main",
 ]
 
-ON_CHOICES = ("prompt+completion", "completion")
+SCORED_CHOICES = ("prompt+completion", "completion")
 KIND_CHOICES = ("reward", "cost")
 
 
-def join_texts(prompts: Sequence[str], completions: Sequence[str], on: str) -> list[str]:
-    """Texts to score. ``on="completion"``: the completions. ``on="prompt+completion"``: prompt followed by
+def join_texts(prompts: Sequence[str], completions: Sequence[str], scored: str) -> list[str]:
+    """Texts to score. ``scored="completion"``: the completions. ``scored="prompt+completion"``: prompt followed by
     completion, with one space inserted only if neither side already has whitespace at the seam."""
-    if on == "completion":
+    if scored == "completion":
         return list(completions)
-    if on != "prompt+completion":
-        raise ValueError(f"on must be one of {ON_CHOICES}, got {on!r}")
+    if scored != "prompt+completion":
+        raise ValueError(f"scored must be one of {SCORED_CHOICES}, got {scored!r}")
     out = []
     for p, c in zip(prompts, completions):
         if p and c and not p[-1].isspace() and not c[0].isspace():
@@ -69,7 +67,7 @@ class Scorer:
     name: str = "scorer"
     kind: str = "reward"
     batch_size: int = 64
-    on: str = "prompt+completion"
+    scored: str = "prompt+completion"
 
     def __init__(
         self,
@@ -77,7 +75,7 @@ class Scorer:
         name: str | None = None,
         kind: str | None = None,
         batch_size: int | None = None,
-        on: str | None = None,
+        scored: str | None = None,
     ) -> None:
         if name is not None:
             self.name = str(name)
@@ -85,12 +83,12 @@ class Scorer:
             self.kind = kind
         if batch_size is not None:
             self.batch_size = int(batch_size)
-        if on is not None:
-            self.on = on
+        if scored is not None:
+            self.scored = scored
         if self.kind not in KIND_CHOICES:
             raise ValueError(f"kind must be one of {KIND_CHOICES}, got {self.kind!r}")
-        if self.on not in ON_CHOICES:
-            raise ValueError(f"on must be one of {ON_CHOICES}, got {self.on!r}")
+        if self.scored not in SCORED_CHOICES:
+            raise ValueError(f"scored must be one of {SCORED_CHOICES}, got {self.scored!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
@@ -109,13 +107,13 @@ class Scorer:
         return out
 
     def score_batch(self, prompts: list[str], completions: list[str]) -> Any:
-        return self.score_texts(join_texts(prompts, completions, self.on))
+        return self.score_texts(join_texts(prompts, completions, self.scored))
 
     def score_texts(self, texts: list[str]) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(name={self.name!r}, kind={self.kind!r}, on={self.on!r})"
+        return f"{type(self).__name__}(name={self.name!r}, kind={self.kind!r}, scored={self.scored!r})"
 
 
 def _check_inputs(prompts, completions, name) -> tuple[list[str], list[str]]:
@@ -148,10 +146,10 @@ class VaderSentiment(Scorer):
     name = "vader_sentiment"
     kind = "reward"
     batch_size = 256
-    on = "prompt+completion"
+    scored = "prompt+completion"
 
-    def __init__(self, on: str = "prompt+completion", **kw) -> None:
-        super().__init__(on=on, **kw)
+    def __init__(self, scored: str = "prompt+completion", **kw) -> None:
+        super().__init__(scored=scored, **kw)
         self._sia = None
 
     def score_texts(self, texts: list[str]) -> list[float]:
@@ -168,10 +166,10 @@ class ProfanityToxicity(Scorer):
     name = "profanity_toxicity"
     kind = "cost"
     batch_size = 1024
-    on = "completion"
+    scored = "completion"
 
-    def __init__(self, on: str = "completion", **kw) -> None:
-        super().__init__(on=on, **kw)
+    def __init__(self, scored: str = "completion", **kw) -> None:
+        super().__init__(scored=scored, **kw)
 
     def score_texts(self, texts: list[str]) -> Any:
         from profanity_check import predict_prob  # imports sklearn (~2 s the first time)
@@ -191,7 +189,7 @@ class NegatedScorer(Scorer):
             name=name or f"neg_{getattr(inner, 'name', 'scorer')}",
             kind=kind or ("reward" if inner_kind == "cost" else "cost"),
             batch_size=getattr(inner, "batch_size", 64),
-            on=getattr(inner, "on", "prompt+completion"),
+            scored=getattr(inner, "scored", "prompt+completion"),
         )
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
@@ -276,14 +274,14 @@ class MiniLMHead(Scorer):
     name = "minilm_head"
     kind = "reward"
     batch_size = 64
-    on = "prompt+completion"
+    scored = "prompt+completion"
     FORMAT = "riskexp.minilm_head.v1"
 
     def __init__(
         self,
         path: str | os.PathLike | None = None,
         output: str | None = None,
-        on: str | None = None,
+        scored: str | None = None,
         batch_size: int | None = None,
         max_length: int | None = None,
         name: str | None = None,
@@ -302,7 +300,7 @@ class MiniLMHead(Scorer):
             name=name if name is not None else meta.get("name"),
             kind=kind if kind is not None else meta.get("kind"),
             batch_size=batch_size,
-            on=on if on is not None else meta.get("on"),
+            scored=scored if scored is not None else meta.get("scored"),
         )
         self.output = output if output is not None else meta.get("output", "logit")
         if self.output not in ("logit", "prob"):
@@ -346,7 +344,7 @@ class MiniLMHead(Scorer):
             "dim": MINILM_DIM,
             "max_length": self.max_length,
             "output": self.output,
-            "on": self.on,
+            "scored": self.scored,
             "name": self.name,
             "kind": self.kind,
             **{k: v for k, v in self.meta.items() if k == "train"},
@@ -455,13 +453,13 @@ class HubClassifier(Scorer):
     name = "hub_classifier"
     kind = "reward"
     batch_size = 32
-    on = "prompt+completion"
+    scored = "prompt+completion"
 
     def __init__(
         self,
         name_or_path: str,
         label_index: int,
-        on: str = "prompt+completion",
+        scored: str = "prompt+completion",
         max_length: int = 512,
         output: str = "logit",
         batch_size: int | None = None,
@@ -469,7 +467,7 @@ class HubClassifier(Scorer):
         kind: str | None = None,
         device: str = "cpu",
     ) -> None:
-        super().__init__(name=name, kind=kind, batch_size=batch_size, on=on)
+        super().__init__(name=name, kind=kind, batch_size=batch_size, scored=scored)
         self.name_or_path = str(name_or_path)
         p = Path(self.name_or_path).expanduser()
         if p.exists():
@@ -539,25 +537,8 @@ class HubClassifier(Scorer):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# registry + CLI
+# CLI
 # ------------------------------------------------------------------------------------------------------------
-
-SCORERS: dict[str, type[Scorer]] = {
-    "vader": VaderSentiment,
-    "profanity": ProfanityToxicity,
-    "negated": NegatedScorer,
-    "minilm_head": MiniLMHead,
-    "hub": HubClassifier,
-}
-
-
-def build_scorer(kind: str, **kwargs) -> Scorer:
-    """``build_scorer("vader", on="completion")``; for Hydra prefer ``_target_: riskexp.scorers.<Class>``."""
-    try:
-        cls = SCORERS[kind]
-    except KeyError:
-        raise KeyError(f"unknown scorer {kind!r}; known: {sorted(SCORERS)}") from None
-    return cls(**kwargs)
 
 
 def _read_jsonl(path: str | os.PathLike) -> list[dict]:
@@ -588,7 +569,7 @@ def train_minilm_main(args: argparse.Namespace) -> dict[str, Any]:
     y = _as_binary_labels(raw, args.positive_label).tolist()
     tr, va = stratified_split(y, args.val_frac, args.seed)
     head = MiniLMHead(
-        output=args.output, on=args.on, max_length=args.max_length, name=args.name, kind=args.kind
+        output=args.output, scored=args.scored, max_length=args.max_length, name=args.name, kind=args.kind
     )
     x = head.embed(texts)
     stats = head.fit(
@@ -634,7 +615,7 @@ def main(argv: Sequence[str] | None = None) -> Any:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--val-frac", type=float, default=0.2)
     t.add_argument("--output", choices=("logit", "prob"), default="logit")
-    t.add_argument("--on", choices=ON_CHOICES, default="prompt+completion")
+    t.add_argument("--scored", choices=SCORED_CHOICES, default="prompt+completion")
     t.add_argument("--max-length", type=int, default=128)
     t.add_argument("--name", default=None)
     t.add_argument("--kind", choices=KIND_CHOICES, default=None)

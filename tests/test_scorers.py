@@ -5,14 +5,12 @@ import torch
 
 from riskexp.assets import load_prompt_file, minilm_path
 from riskexp.scorers import (
-    SCORERS,
     HubClassifier,
     MiniLMHead,
     NegatedScorer,
     ProfanityToxicity,
     Scorer,
     VaderSentiment,
-    build_scorer,
     join_texts,
     main,
     stratified_split,
@@ -57,7 +55,7 @@ def test_length_mismatch_and_types(scorer):
 
 def test_bad_constructor_args():
     with pytest.raises(ValueError):
-        VaderSentiment(on="prompt")
+        VaderSentiment(scored="prompt")
     with pytest.raises(ValueError):
         VaderSentiment(kind="penalty")
     with pytest.raises(ValueError):
@@ -71,13 +69,7 @@ def test_batching_matches_unbatched():
     assert torch.equal(a, b)
 
 
-def test_registry_and_hydra_style_construction():
-    assert set(SCORERS) >= {"vader", "profanity", "negated", "minilm_head", "hub"}
-    s = build_scorer("vader", on="completion")
-    assert isinstance(s, VaderSentiment) and s.on == "completion"
-    with pytest.raises(KeyError):
-        build_scorer("nope")
-    pytest.importorskip("hydra")
+def test_hydra_style_construction():
     from hydra.utils import instantiate
 
     r = instantiate(
@@ -105,7 +97,7 @@ def test_vader_prompt_plus_completion_vs_completion():
     prompts = ["I absolutely loved this wonderful movie and", "The film was"]
     comps = [" the ending", " long"]
     both = VaderSentiment()(prompts, comps)
-    comp_only = VaderSentiment(on="completion")(prompts, comps)
+    comp_only = VaderSentiment(scored="completion")(prompts, comps)
     assert both[0] > 0.5 and comp_only[0] == 0.0  # positive words live in the prompt
     assert both[1] == comp_only[1] == 0.0
 
@@ -115,7 +107,7 @@ def test_vader_prompt_plus_completion_vs_completion():
 
 def test_profanity_ordering_and_negation():
     cost = ProfanityToxicity()
-    assert cost.kind == "cost" and cost.on == "completion"
+    assert cost.kind == "cost" and cost.scored == "completion"
     prompts = ["He said", "He said"]
     comps = ["you are a stupid fucking idiot", "have a nice day"]
     c = cost(prompts, comps)
@@ -201,12 +193,12 @@ def test_minilm_head_save_load_roundtrip_without_embedder(tmp_path):
     g = torch.Generator().manual_seed(1)
     x = torch.nn.functional.normalize(torch.randn(30, 384, generator=g), dim=-1)
     y = [int(v > 0) for v in x[:, 0]]
-    head = MiniLMHead(on="completion", name="my_head", kind="cost")
+    head = MiniLMHead(scored="completion", name="my_head", kind="cost")
     stats = head.fit(["t"] * 30, y, epochs=100, seed=0, embeddings=x)
     assert stats["train_acc"] >= 0.9
     d = head.save(tmp_path / "h")
     again = MiniLMHead(path=d)
-    assert (again.on, again.name, again.kind, again.output) == ("completion", "my_head", "cost", "logit")
+    assert (again.scored, again.name, again.kind, again.output) == ("completion", "my_head", "cost", "logit")
     assert torch.equal(again.logits_from_embeddings(x), head.logits_from_embeddings(x))
     assert MiniLMHead(path=d, kind="reward").kind == "reward"  # explicit kwargs override saved metadata
 
@@ -279,7 +271,7 @@ def test_hub_classifier_local(tiny_classifier):
     texts = ["a short one", "this one is a little bit longer than the others", "mid length text"]
     prompts = ["", "", ""]
     cols = [
-        HubClassifier(str(tiny_classifier), label_index=i, on="completion", max_length=64, batch_size=2)
+        HubClassifier(str(tiny_classifier), label_index=i, scored="completion", max_length=64, batch_size=2)
         for i in range(3)
     ]
     outs = [c(prompts, texts) for c in cols]
@@ -296,16 +288,16 @@ def test_hub_classifier_local(tiny_classifier):
     for i in range(3):
         assert torch.allclose(outs[i], ref[:, i], atol=1e-5)
     assert torch.equal(cols[1](prompts, texts), outs[1])  # deterministic
-    neg = HubClassifier(tiny_classifier, label_index=-1, on="completion")
+    neg = HubClassifier(tiny_classifier, label_index=-1, scored="completion")
     assert torch.allclose(neg(prompts, texts), outs[2], atol=1e-5)
-    sm = HubClassifier(tiny_classifier, label_index=2, output="softmax", on="completion")(prompts, texts)
+    sm = HubClassifier(tiny_classifier, label_index=2, output="softmax", scored="completion")(prompts, texts)
     assert torch.allclose(sm, ref.softmax(-1)[:, 2], atol=1e-5)
 
 
 def test_hub_classifier_prompt_plus_completion(tiny_classifier):
     c = HubClassifier(tiny_classifier, label_index=0)
     a = c(["The movie was"], [" great"])
-    b = HubClassifier(tiny_classifier, label_index=0, on="completion")(["x"], ["The movie was great"])
+    b = HubClassifier(tiny_classifier, label_index=0, scored="completion")(["x"], ["The movie was great"])
     assert torch.allclose(a, b, atol=1e-6)
 
 

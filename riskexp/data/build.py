@@ -1,5 +1,7 @@
 """Building a preference set from a model's own samples (best-of-k vs worst-of-k under a reward).
 
+    python -m riskexp.data.build data=sentiment model=smollm2_135m data.build.k=4 seed=0
+
 For each prompt, k completions are sampled and scored with score = reward - cost_weight * cost; the best
 becomes `chosen` and the worst `rejected`. Prompts whose k scores are all equal carry no preference and are
 skipped. The records are what `riskexp.data.preference.load_preference_file` reads.
@@ -9,22 +11,22 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+import hydra
 import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
 
+from riskexp.cli import CONF_DIR
+from riskexp.evaluation import score_with
 from riskexp.generation import generate
+from riskexp.schema import ConfigError, validate
 
 Scorer = Callable[[list[str], list[str]], torch.Tensor]
-
-
-def _scores(scorer: Scorer, prompts: list[str], completions: list[str], what: str) -> torch.Tensor:
-    s = torch.as_tensor(scorer(prompts, completions)).detach().double().flatten().cpu()
-    if s.numel() != len(completions):
-        raise ValueError(f"{what} scorer returned {s.numel()} scores for {len(completions)} completions")
-    return s
 
 
 def build_pairs(
@@ -56,12 +58,12 @@ def build_pairs(
     # one batched call over the prompts repeated k times: copies of a prompt share a length, so they share
     # batches and pad nothing; sampling makes the copies differ
     repeated = [p for p in prompts for _ in range(k)]
-    completions = generate(
+    completions, _ = generate(
         model, tokenizer, repeated, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
         do_sample=True, batch_size=batch_size, seed=seed, chat=chat,
     )
-    rewards = _scores(reward, repeated, completions, "reward")
-    costs = _scores(cost, repeated, completions, "cost") if cost is not None else None
+    rewards = score_with(reward, repeated, completions, "reward")
+    costs = score_with(cost, repeated, completions, "cost") if cost is not None else None
     scores = rewards - cost_weight * costs if costs is not None else rewards
 
     records = []
@@ -110,3 +112,29 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """The records of a JSON-lines file (blank lines ignored)."""
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="build")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point (`conf/build.yaml`): the data group's `build` section and its task's scorers."""
+    try:
+        validate(cfg)
+        if not cfg.data.get("build"):
+            raise ConfigError(f"data={cfg.data.name!r} has no build section; accepted: data=sentiment, data=toxicity")
+    except ConfigError as error:
+        print(f"riskexp.data.build: configuration error: {error}", file=sys.stderr)
+        sys.exit(2)
+    spec, task = cfg.data.build, cfg.data.task
+    model, tokenizer = instantiate(cfg.model.loader)
+    records = build_pairs(
+        model, tokenizer, instantiate(spec.prompts), instantiate(task.reward), k=spec.k,
+        cost=instantiate(task.cost) if task.get("cost") else None, cost_weight=spec.cost_weight,
+        max_new_tokens=spec.max_new_tokens, temperature=spec.temperature, top_p=spec.top_p,
+        batch_size=spec.batch_size, seed=cfg.seed, chat=task.chat,
+    )
+    path = write_jsonl(records, spec.out)
+    print(f"{len(records)} pairs from {cfg.model.name} on {cfg.data.name} -> {path}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

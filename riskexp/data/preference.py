@@ -299,7 +299,12 @@ def _hh_text(messages: list[dict]) -> str:
 
 
 def tokenize_pair(
-    record: dict, tokenizer, max_length: int, max_prompt_length: int, truncation_mode: str = "keep_end"
+    record: dict,
+    tokenizer,
+    max_length: int,
+    max_prompt_length: int,
+    truncation_mode: str = "keep_end",
+    chat: bool = True,
 ) -> dict:
     """Tokenise one preference record the way the DPO reference code does.
 
@@ -307,7 +312,8 @@ def tokenize_pair(
     "prompt_length": int}`; input_ids = prompt + response + [eos] (before truncation), labels = input_ids with
     the prompt positions set to -100. If prompt + the longer response exceeds `max_length`, the prompt is cut to
     `max_prompt_length` tokens (`keep_end`: its last tokens), then, if still too long, both responses are cut to
-    `max_length - len(prompt)`.
+    `max_length - len(prompt)`. `chat=False` renders the prompt as plain text even for a tokenizer with a chat
+    template: continuation tasks (IMDb reviews, RealToxicityPrompts) are text, not conversations.
     """
     _check_lengths(max_length, max_prompt_length, truncation_mode)
     eos = tokenizer.eos_token_id
@@ -316,7 +322,7 @@ def tokenize_pair(
     prompt = record["prompt"]
     chosen, rejected = record["chosen"], record["rejected"]
 
-    if getattr(tokenizer, "chat_template", None):
+    if chat and getattr(tokenizer, "chat_template", None):
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -406,6 +412,7 @@ class PreferenceDataModule(L.LightningDataModule):
         limit: int | None = None,
         seed: int = 0,
         num_workers: int = 0,
+        chat: bool = True,
     ):
         super().__init__()
         _check_lengths(max_length, max_prompt_length, truncation_mode)
@@ -437,6 +444,7 @@ class PreferenceDataModule(L.LightningDataModule):
         )
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.val_fraction, self.limit, self.seed, self.num_workers = val_fraction, limit, seed, num_workers
+        self.chat = chat
         pad = tokenizer.pad_token_id
         self.pad_token_id: int = tokenizer.eos_token_id if pad is None else pad
         self.train_records: list[dict] | None = None
@@ -476,6 +484,7 @@ class PreferenceDataModule(L.LightningDataModule):
             max_length=self.max_length,
             max_prompt_length=self.max_prompt_length,
             truncation_mode=self.truncation_mode,
+            chat=self.chat,
         )
         return [{**tok(r), "index": i} for i, r in enumerate(records)]
 

@@ -1,0 +1,64 @@
+"""`python -m riskexp.eval`: generation-based evaluation of an exported policy against its reference.
+
+    python -m riskexp.eval model=smollm2_135m data=sentiment model.path=runs/<...>/policy
+
+Samples completions for the task's held-out prompts from both models, scores them, and writes reward mean,
+VaR/CVaR, cost metrics, KL to the reference, distinct-n and perplexity to `results.json`.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import hydra
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from riskexp.cli import CONF_DIR
+from riskexp.results import git_commit, write_results
+from riskexp.run import build_logger, evaluate_task, finish_wandb, log_evaluation, output_dir
+from riskexp.schema import ConfigError, validate
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    validate(cfg)
+    if not cfg.data.get("task"):
+        raise ConfigError(f"data={cfg.data.name!r} has no generation task; accepted: data=sentiment, data=toxicity")
+    import lightning as L
+
+    from riskexp.evaluation import format_comparison
+    from riskexp.models import from_pretrained
+
+    started = time.time()
+    L.seed_everything(cfg.seed)
+    loader = instantiate(cfg.model.loader, _partial_=True)
+    base, tokenizer = loader()
+    policy = from_pretrained(cfg.model.path, dtype=cfg.model.dtype)[0] if cfg.model.path else base
+    reference = from_pretrained(cfg.model.ref_path, dtype=cfg.model.dtype)[0] if cfg.model.ref_path else base
+    metrics, rows = evaluate_task(cfg, policy, reference, tokenizer)
+    results = {
+        "kind": "eval", "model": cfg.model.name, "policy": cfg.model.path or cfg.model.name,
+        "reference": cfg.model.ref_path or cfg.model.name, "data": cfg.data.name, "seed": cfg.seed,
+        "git_commit": git_commit(), "wall_time_s": round(time.time() - started, 2), **metrics,
+    }
+    logger = build_logger(cfg)
+    log_evaluation(logger, metrics, rows, cfg.eval.samples_logged)
+    write_results(output_dir(), results)
+    print(format_comparison(results), flush=True)
+    return results
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
+def main(cfg: DictConfig) -> None:
+    try:
+        evaluate(cfg)
+    except ConfigError as error:
+        print(f"riskexp.eval: configuration error: {error}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        finish_wandb()
+
+
+if __name__ == "__main__":
+    main()

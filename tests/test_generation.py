@@ -1,0 +1,94 @@
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from riskexp.generation import completion_logps, generate, perplexity, render_prompts
+from riskexp.models import tiny_llama
+
+PROMPTS = [
+    "The movie was",
+    "A very long opening sentence about a film that goes on and on before it gets to the point, and then",
+    "I",
+    "This film is one of the",
+    "Honestly, the acting",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_llama()
+
+
+def _gen(model, tok, prompts=PROMPTS, **kw):
+    kw = {"max_new_tokens": 6, "batch_size": 2, "progress": False, **kw}
+    return generate(model, tok, prompts, **kw)[0]
+
+
+def test_render_prompts(tiny):
+    _, tok = tiny
+    assert render_prompts(tok, ["hi"], chat=False) == ["hi"]
+    (text,) = render_prompts(tok, ["hi"], chat=True)
+    assert "hi" in text and text.endswith("<|im_start|>assistant\n")
+    plain = copy.deepcopy(tok)
+    plain.chat_template = None
+    with pytest.raises(ValueError, match="no chat template"):
+        render_prompts(plain, ["hi"], chat=True)
+
+
+def test_generate_order_determinism_and_state(tiny):
+    model, tok = tiny
+    model.train()
+    side = tok.padding_side
+    rng = torch.get_rng_state()
+    out = _gen(model, tok, seed=1, batch_size=5)
+    assert len(out) == len(PROMPTS) and all(isinstance(t, str) for t in out)
+    assert model.training and tok.padding_side == side
+    assert torch.equal(torch.get_rng_state(), rng)  # global RNG untouched
+    assert _gen(model, tok, seed=1, batch_size=5) == out
+    assert _gen(model, tok, seed=2, batch_size=5) != out
+
+    # original order with mixed lengths: batched (sorted, left-padded) greedy text == one prompt per batch
+    greedy = _gen(model, tok, do_sample=False, max_new_tokens=4)
+    assert _gen(model, tok, do_sample=False, max_new_tokens=4, batch_size=1) == greedy
+    assert len(set(greedy)) > 1
+    model.eval()
+
+
+def test_generate_lengths_and_chat(tiny):
+    model, tok = tiny
+    texts, lengths = generate(model, tok, PROMPTS[:2], max_new_tokens=5, progress=False, chat=True)
+    assert len(texts) == 2 and all(0 <= n <= 5 for n in lengths)
+    assert generate(model, tok, [], progress=False) == ([], [])
+
+
+def test_completion_logps_matches_full_forward(tiny):
+    model, tok = tiny
+    prompts, completions = ["The movie was", "I"], [" great fun", " think not, really"]
+    got = completion_logps(model, tok, prompts, completions, batch_size=2)
+    assert got.shape == (2,)
+    for i in range(2):
+        p = tok(prompts[i])["input_ids"]
+        c = tok(completions[i], add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([p + c])
+        with torch.no_grad():
+            logp = F.log_softmax(model(ids).logits[0, :-1].float(), -1)
+        want = logp[torch.arange(len(p) - 1, ids.shape[1] - 1), torch.tensor(c)].sum()
+        torch.testing.assert_close(got[i], want, atol=1e-4, rtol=1e-5)
+    # chat prompts score the same completion differently, but still finitely
+    assert torch.isfinite(completion_logps(model, tok, prompts, completions, chat=True)).all()
+
+
+def test_perplexity_is_exp_mean_nll(tiny):
+    model, tok = tiny
+    text = "The movie was great fun and I would watch it again."
+    ids = torch.tensor([tok(text)["input_ids"]])
+    with torch.no_grad():
+        nll = F.cross_entropy(model(ids).logits[0, :-1], ids[0, 1:])
+    ppl = perplexity(model, tok, [text])
+    assert math.isfinite(ppl)
+    assert ppl == pytest.approx(math.exp(nll.item()), rel=1e-4)
+    # several texts of different lengths in one padded batch: a token-weighted mean, not a mean of means
+    assert math.isfinite(perplexity(model, tok, [text, "Short.", text + " More words here."], batch_size=3))
