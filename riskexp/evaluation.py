@@ -7,16 +7,19 @@ mass, and the first configured alpha is the headline `*_cvar` / `*_var`.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 
 import torch
 
-from riskexp.generation import completion_logps, generate, perplexity
+from riskexp.generation import completion_logps, generate, pad_token_id, perplexity
 from riskexp.risk import check_alpha, cvar_lower, cvar_upper, var_lower, var_upper
 
 Scorer = Callable[[list[str], list[str]], torch.Tensor]
 
 _TAILS = {"lower": (var_lower, cvar_lower), "upper": (var_upper, cvar_upper)}
+
+log = logging.getLogger(__name__)
 
 
 def distinct_n(texts: Sequence[str], n: int) -> float:
@@ -86,10 +89,11 @@ def evaluate_model(
     prompts = list(prompts)
     if not prompts:
         raise ValueError("evaluate_model needs at least one prompt")
-    completions, lengths = generate(
+    samples = generate(
         model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
         batch_size=batch_size, seed=seed, chat=chat,
     )
+    completions = samples.texts
     rewards = score_with(reward, prompts, completions, "reward")
     metrics = tail_metrics(rewards, alphas, f"{prefix}/reward", "lower")
     costs = None
@@ -101,14 +105,17 @@ def evaluate_model(
     if reference is None or reference is model:
         metrics[f"{prefix}/kl"] = 0.0
     else:
-        # batch_size is the sampling batch; a forward with grad-free chunks fits the same rows
-        logp = completion_logps(model, tokenizer, prompts, completions, chat=chat, batch_size=batch_size)
-        ref_logp = completion_logps(reference, tokenizer, prompts, completions, chat=chat, batch_size=batch_size)
+        if temperature != 1.0 or top_p != 1.0:
+            log.warning("eval/kl is estimated on samples at temperature=%s, top_p=%s: it is then not the KL of "
+                        "the policy itself, which needs temperature=1 and top_p=1", temperature, top_p)
+        scored = {"pad_id": pad_token_id(tokenizer), "batch_size": batch_size}
+        logp = completion_logps(model, samples.prompt_ids, samples.token_ids, **scored)
+        ref_logp = completion_logps(reference, samples.prompt_ids, samples.token_ids, **scored)
         metrics[f"{prefix}/kl"] = (logp - ref_logp).double().mean().item()
 
     metrics[f"{prefix}/distinct_1"] = distinct_n(completions, 1)
     metrics[f"{prefix}/distinct_2"] = distinct_n(completions, 2)
-    metrics[f"{prefix}/length_mean"] = sum(lengths) / len(lengths)
+    metrics[f"{prefix}/length_mean"] = sum(samples.lengths) / len(prompts)
     if heldout_texts:
         metrics[f"{prefix}/perplexity"] = perplexity(model, tokenizer, heldout_texts, batch_size=batch_size)
 

@@ -11,12 +11,28 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from riskexp.logps import IGNORE_INDEX, sequence_stats
-from riskexp.models import trunk_and_head
+from riskexp.models import hidden_and_head
+
+
+@dataclass
+class Samples:
+    """What `generate` sampled, in the prompts' order."""
+
+    texts: list[str]  # the new text, special tokens dropped
+    prompt_ids: list[list[int]]  # the tokens each completion was conditioned on
+    token_ids: list[list[int]]  # the sampled tokens, through the eos where one was emitted
+    finished: list[bool]  # stopped at eos (False: cut at max_new_tokens)
+
+    @property
+    def lengths(self) -> list[int]:
+        """New tokens of each completion, not counting the eos."""
+        return [len(ids) - done for ids, done in zip(self.token_ids, self.finished)]
 
 
 def render_prompts(tokenizer, prompts: Sequence[str], chat: bool) -> list[str]:
@@ -87,7 +103,7 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return ids
 
 
-def _pad_id(tokenizer) -> int:
+def pad_token_id(tokenizer) -> int:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise ValueError("tokenizer has neither a pad nor an eos token")
@@ -107,9 +123,8 @@ def generate(
     seed: int = 0,
     chat: bool = False,
     progress: bool = True,
-) -> tuple[list[str], list[int]]:
-    """One completion per prompt (new text only, special tokens dropped), in the prompts' order, and the number
-    of new tokens of each (up to, not counting, the first stop).
+) -> Samples:
+    """One completion per prompt, with the tokens sampled and whether each stopped at eos.
 
     Batches group prompts of similar length and are left-padded with an attention mask (the tokenizer's own
     `padding_side` is not touched); generation stops at eos or after `max_new_tokens`. The same `seed`, prompts
@@ -119,17 +134,18 @@ def generate(
     if do_sample and not temperature > 0:
         raise ValueError(f"temperature={temperature!r} must be > 0 when sampling; use do_sample=False for greedy")
     if not prompts:
-        return [], []
+        return Samples([], [], [], [])
     ids = _prompt_ids(tokenizer, prompts, chat)
-    pad_id, eos_ids = _pad_id(tokenizer), _eos_ids(model, tokenizer)
+    pad_id, eos_ids = pad_token_id(tokenizer), _eos_ids(model, tokenizer)
     sampling = {"do_sample": False}
     if do_sample:
         # top_k=0 switches off transformers' default top-k of 50: samples come from the tempered / nucleus
         # distribution that was asked for, which the KL estimate on the policy's own samples relies on
         sampling = {"do_sample": True, "temperature": float(temperature), "top_p": float(top_p), "top_k": 0}
     device = _device(model)
-    texts: list[str | None] = [None] * len(ids)
-    lengths = [0] * len(ids)
+    texts: list[str] = [""] * len(ids)
+    token_ids: list[list[int]] = [[] for _ in ids]
+    finished = [False] * len(ids)
     # fork the RNGs the sampler draws from, so the caller's global random state is left as it was
     cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     with _eval_mode(model), torch.random.fork_rng(devices=cuda), torch.no_grad():
@@ -150,23 +166,18 @@ def generate(
             for row, i in enumerate(batch):
                 tokens = new[row].tolist()
                 stop = next((t for t, tok in enumerate(tokens) if tok in eos_ids), len(tokens))
-                lengths[i] = stop
+                finished[i] = stop < len(tokens)
+                token_ids[i] = tokens[: stop + finished[i]]
                 texts[i] = tokenizer.decode(tokens[:stop], skip_special_tokens=True)
-    return texts, lengths
+    return Samples(texts, ids, token_ids, finished)
 
 
 def _sequence_sums(model, input_ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor):
     """`sequence_stats` of one right-padded batch under `model` (no grad)."""
     device = _device(model)
-    input_ids, mask, labels = input_ids.to(device), mask.to(device), labels.to(device)
-    split = trunk_and_head(model)
-    if split is None:
-        logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
-        return sequence_stats(logits, labels)
-    # hidden states + the head: sequence_stats forms the (N, chunk, V) logits a chunk at a time, never (N, L, V)
-    trunk, head = split
-    hidden = trunk(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
-    return sequence_stats(hidden, labels, policy_head=head)
+    batch = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
+    hidden, head = hidden_and_head(model, batch)
+    return sequence_stats(hidden, labels.to(device), policy_head=head)
 
 
 def _labelled(rows: list[tuple[list[int], list[int]]], pad_id: int):
@@ -176,24 +187,18 @@ def _labelled(rows: list[tuple[list[int], list[int]]], pad_id: int):
     return ids, mask, labels
 
 
-def completion_logps(
-    model, tokenizer, prompts: Sequence[str], completions: Sequence[str], *, chat: bool = False, batch_size: int = 16
-) -> torch.Tensor:
-    """sum_t log pi(y_t | x, y_<t) of each completion given its prompt under `model`, float32 (N,) on the CPU.
+def completion_logps(model, prompt_ids: Sequence[list[int]], completion_ids: Sequence[list[int]], *, pad_id: int,
+                     batch_size: int = 16) -> torch.Tensor:
+    """sum_t log pi(y_t | x, y_<t) of token completions given their prompt tokens under `model`, float32 (N,).
 
-    The completion is tokenised on its own after the prompt's tokens (as in `tokenize_pair`), without an eos:
-    a decoded sample does not say whether it stopped at eos or at the length limit. KL(pi || ref) on pi's own
-    samples is then estimated by mean(completion_logps(pi) - completion_logps(ref)).
+    Scored on the very tokens `generate` sampled (eos included where emitted), not on re-tokenised text, so
+    mean(completion_logps(pi) - completion_logps(ref)) over pi's samples estimates KL(pi || ref) without bias
+    (at temperature 1 and top_p 1: otherwise the samples come from a different distribution than pi).
     """
-    if len(prompts) != len(completions):
-        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-    if not prompts:
-        return torch.zeros(0)
-    prompt_ids = _prompt_ids(tokenizer, prompts, chat)
-    completion_ids = tokenizer(list(completions), add_special_tokens=False)["input_ids"]
-    rows = list(zip(prompt_ids, completion_ids))
+    if len(prompt_ids) != len(completion_ids):
+        raise ValueError(f"{len(prompt_ids)} prompts but {len(completion_ids)} completions")
+    rows = [(list(c), list(s)) for c, s in zip(prompt_ids, completion_ids)]
     out = torch.zeros(len(rows))
-    pad_id = _pad_id(tokenizer)
     with _eval_mode(model), torch.no_grad():
         for batch in _batches([len(c) + len(s) for c, s in rows], batch_size):
             stats = _sequence_sums(model, *_labelled([rows[i] for i in batch], pad_id))
@@ -209,7 +214,7 @@ def perplexity(model, tokenizer, texts: Sequence[str], *, batch_size: int = 16, 
     if not rows:
         raise ValueError("perplexity needs at least one text of two or more tokens")
     nll, count = 0.0, 0
-    pad_id = _pad_id(tokenizer)
+    pad_id = pad_token_id(tokenizer)
     with _eval_mode(model), torch.no_grad():
         for batch in _batches([len(c) + len(s) for c, s in rows], batch_size):
             stats = _sequence_sums(model, *_labelled([rows[i] for i in batch], pad_id))

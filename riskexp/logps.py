@@ -133,7 +133,8 @@ def sequence_stats(
             terms = checkpoint(_chunk_terms, *args, use_reentrant=False)
         else:
             terms = _chunk_terms(*args)
-        chunk_sum = (terms * mask[:, start:stop, None]).sum(1)  # (N, K)
+        # where, not a product: a non-finite value at a padded position must not reach the sums
+        chunk_sum = torch.where(mask[:, start:stop, None], terms, 0.0).sum(1)  # (N, K)
         sums = chunk_sum if sums is None else sums + chunk_sum
 
     has_ref = ref_hidden is not None

@@ -7,10 +7,11 @@ architecture.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 SMOLLM2_TOKENIZER = ASSETS / "smollm2_tokenizer"
@@ -140,3 +141,14 @@ def trunk_and_head(model: nn.Module):
     if head is None or trunk is None or trunk is model:
         return None
     return trunk, head
+
+
+def hidden_and_head(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Callable | None]:
+    """Final hidden states (N, L, H) and the output head, so logits can be made chunk by chunk; or full
+    logits (N, L, V) and None for models whose head is not a plain projection."""
+    split = trunk_and_head(model)
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    if split is None:
+        return model(**inputs).logits, None
+    trunk, head = split
+    return trunk(**inputs).last_hidden_state, head

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from riskexp.logps import SequenceStats, sequence_stats
-from riskexp.models import trunk_and_head
+from riskexp.models import hidden_and_head
 from riskexp.objectives import implicit_reward_accuracy
 from riskexp.risk import Mean, RiskMeasure
 
@@ -27,17 +27,6 @@ def disable_dropout(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
-
-
-def hidden_and_head(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Callable | None]:
-    """Final hidden states (N, L, H) and the output head, so logits can be made chunk by chunk; or full
-    logits (N, L, V) and None for models whose head is not a plain projection."""
-    split = trunk_and_head(model)
-    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    if split is None:
-        return model(**inputs).logits, None
-    trunk, head = split
-    return trunk(**inputs).last_hidden_state, head
 
 
 class PolicyModule(L.LightningModule):
@@ -57,6 +46,12 @@ class PolicyModule(L.LightningModule):
     def state_dict(self, *args, **kwargs):
         state = super().state_dict(*args, **kwargs)
         return type(state)((k, v) for k, v in state.items() if not k.startswith(REFERENCE_PREFIX))
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # loading is not strict because the reference is left out; the policy's weights must all be there
+        missing = [k for k in self.state_dict() if k not in checkpoint["state_dict"]]
+        if missing:
+            raise KeyError(f"the checkpoint lacks {len(missing)} policy weights, e.g. {missing[:3]}")
 
     def train(self, mode: bool = True):
         # Lightning calls .train() on the whole module at every epoch start; the reference stays in eval

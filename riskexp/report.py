@@ -26,7 +26,9 @@ from matplotlib.figure import Figure
 log = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.json"
-DEFAULT_GROUP_BY = ("algo", "variant", "risk", "alpha", "beta")
+# every key that changes a run's configuration, so that only seeds are averaged; constant keys are shown once
+# above the table rather than in every row
+DEFAULT_GROUP_BY = ("model", "data", "algo", "variant", "kl_weight", "risk", "estimator", "risk_param", "alpha", "beta")
 METRIC_PREFIXES = ("val/", "eval/", "ref_eval/")
 PLOT_METRICS = ("eval/reward_mean", "eval/kl", "eval/reward_cvar", "ref_eval/reward_mean", "ref_eval/kl")
 # A line of the CVaR plot is one configuration with only alpha varying.
@@ -145,7 +147,10 @@ def to_markdown(summary: pd.DataFrame, metrics: Sequence[str] | None = None, dig
 
     The group keys are the columns before ``n``; ``metrics`` defaults to every metric in the summary.
     """
-    keys = list(summary.columns[: summary.columns.get_loc("n")])
+    all_keys = list(summary.columns[: summary.columns.get_loc("n")])
+    constant = [k for k in all_keys if len(summary) > 1 and summary[k].nunique(dropna=False) == 1]
+    keys = [k for k in all_keys if k not in constant]
+    caption = ", ".join(f"{k}={_fmt_key(summary[k].iloc[0])}" for k in constant if summary[k].iloc[0] != "")
     if metrics is None:
         stems = [c.removesuffix("_mean") for c in summary.columns if c.endswith("_mean")]
         metrics = [m for m in stems if f"{m}_sd" in summary.columns]
@@ -164,7 +169,8 @@ def to_markdown(summary: pd.DataFrame, metrics: Sequence[str] | None = None, dig
     def fmt(cells: list[str]) -> str:
         return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
 
-    return "\n".join([fmt(table[0]), fmt(["-" * w for w in widths]), *map(fmt, table[1:])]) + "\n"
+    lines = [fmt(table[0]), fmt(["-" * w for w in widths]), *map(fmt, table[1:])]
+    return (f"{caption}\n\n" if caption else "") + "\n".join(lines) + "\n"
 
 
 def plot(data: pd.DataFrame, out_dir: str | Path, group_by: Sequence[str] = DEFAULT_GROUP_BY) -> list[Path]:

@@ -35,16 +35,13 @@ def _plain(value):
     return value
 
 
-def write_results(directory: Path, results: dict) -> Path:
-    """Write results.json atomically: readers (the report, a relaunched sweep) never see half a file."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / RESULTS_FILE
-    payload = json.dumps({k: _plain(v) for k, v in results.items()}, indent=2, sort_keys=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".results.", suffix=".json")
+def atomic_write_text(path: Path, text: str) -> Path:
+    """Write a file atomically (temporary file, fsync, rename): readers never see half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(payload + "\n")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -52,6 +49,12 @@ def write_results(directory: Path, results: dict) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_results(directory: Path, results: dict) -> Path:
+    """Write results.json atomically: readers (the report, a relaunched sweep) never see half a file."""
+    payload = json.dumps({k: _plain(v) for k, v in results.items()}, indent=2, sort_keys=True)
+    return atomic_write_text(Path(directory) / RESULTS_FILE, payload + "\n")
 
 
 def read_results(directory: Path) -> dict | None:

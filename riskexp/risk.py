@@ -122,20 +122,33 @@ def entropic_upper(x: Tensor, theta: float) -> Tensor:
     return -entropic_lower(-x, theta)
 
 
-def ru_cvar_terms(x: Tensor, threshold: Tensor, alpha: float, tail: str = "lower") -> Tensor:
-    """Per-sample Rockafellar-Uryasev terms whose *mean* is the CVaR when `threshold` is the VaR (N,) -> (N,).
+def tail_counts(x: Tensor, threshold: Tensor, tail: str = "lower") -> Tensor:
+    """(samples strictly beyond the threshold, samples at it, all samples) of this part of a batch, as a float
+    tensor of shape (3,), ready to be summed across micro-batches or all-reduced across ranks."""
+    beyond = (x < threshold) if tail == "lower" else (x > threshold)
+    return torch.stack([beyond.sum(), (x == threshold).sum(), torch.tensor(x.numel(), device=x.device)]).to(x.dtype)
+
+
+def ru_cvar_terms(x: Tensor, threshold: Tensor, alpha: float, tail: str = "lower", counts: Tensor | None = None) -> Tensor:
+    """Per-sample Rockafellar-Uryasev terms whose *mean* is the CVaR when `threshold` is the VaR. (N,) -> (N,).
 
     upper tail: eta + (x - eta)_+ / alpha;  lower tail: eta - (eta - x)_+ / alpha  (Rockafellar & Uryasev 2000).
-    Because the CVaR is then a plain mean, it is the same whether the batch is processed whole, in
-    micro-batches (gradient accumulation) or in data-parallel shards, provided every part uses the same
-    threshold, e.g. the VaR of the all-gathered batch. The threshold gets no gradient (it is a minimiser).
+    Written as eta + c_i (x_i - eta) with constant weights c_i: 1/alpha beyond the threshold, 0 inside it, and
+    for samples exactly at it the share of the boundary atom, (alpha N - n_beyond) / (alpha n_at), so that the
+    gradient is the CVaR's own (the weights sum to N). Because the CVaR is then a plain mean it is the same whole,
+    in micro-batches (gradient accumulation) or in data-parallel shards, provided every part uses the threshold
+    and `counts` (`tail_counts`, summed) of the whole batch, e.g. all-gathered. The threshold gets no gradient.
     """
+    if tail not in ("lower", "upper"):
+        raise ValueError(f"tail={tail!r} is not a tail; accepted: 'lower' (rewards), 'upper' (costs, losses)")
     eta = threshold.detach()
-    if tail == "upper":
-        return eta + (x - eta).clamp(min=0.0) / alpha
-    if tail == "lower":
-        return eta - (eta - x).clamp(min=0.0) / alpha
-    raise ValueError(f"tail={tail!r} is not a tail; accepted: 'lower' (rewards), 'upper' (costs, losses)")
+    n_beyond, n_at, n_total = (counts if counts is not None else tail_counts(x.detach(), eta, tail)).tolist()
+    beyond = (x < eta) if tail == "lower" else (x > eta)
+    at_weight = (alpha * n_total - n_beyond) / (alpha * n_at) if n_at else 0.0
+    weight = torch.zeros_like(x, requires_grad=False)
+    weight[beyond.detach()] = 1.0 / alpha
+    weight[(x == eta).detach()] = at_weight
+    return eta + weight * (x - eta)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -46,19 +46,13 @@ KIND_CHOICES = ("reward", "cost")
 
 
 def join_texts(prompts: Sequence[str], completions: Sequence[str], scored: str) -> list[str]:
-    """Texts to score. ``scored="completion"``: the completions. ``scored="prompt+completion"``: prompt followed by
-    completion, with one space inserted only if neither side already has whitespace at the seam."""
+    """Texts to score. ``scored="completion"``: the completions. ``scored="prompt+completion"``: the prompt
+    followed by its completion exactly as sampled (a continuation carries its own leading space)."""
     if scored == "completion":
         return list(completions)
     if scored != "prompt+completion":
         raise ValueError(f"scored must be one of {SCORED_CHOICES}, got {scored!r}")
-    out = []
-    for p, c in zip(prompts, completions):
-        if p and c and not p[-1].isspace() and not c[0].isspace():
-            out.append(p + " " + c)
-        else:
-            out.append(p + c)
-    return out
+    return [p + c for p, c in zip(prompts, completions)]
 
 
 class Scorer:

@@ -239,8 +239,13 @@ def test_tokenize_pair_plain_hh_text(plain_tok):
         == "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Egg?\n\nAssistant:"
     )
     assert plain_tok.decode(out["chosen_input_ids"][n:]) == " Boil it for nine minutes.<|im_end|>"
+    # a string prompt is a continuation: the response follows it exactly as given (sampled), no space added
     out = tokenize_pair({**PAIR, "prompt": "The movie was"}, plain_tok, 512, 256)
-    assert plain_tok.decode(out["rejected_input_ids"]) == "The movie was No idea.<|im_end|>"
+    assert plain_tok.decode(out["rejected_input_ids"]) == "The movie wasNo idea.<|im_end|>"
+    # a response cut at the sampling length limit gets no eos
+    out = tokenize_pair({**PAIR, "prompt": "The movie was", "chosen_finished": False}, plain_tok, 512, 256)
+    assert not plain_tok.decode(out["chosen_input_ids"]).endswith("<|im_end|>")
+    assert plain_tok.decode(out["rejected_input_ids"]).endswith("<|im_end|>")
 
 
 def test_truncation_paths(tok):

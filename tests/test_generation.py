@@ -24,7 +24,7 @@ def tiny():
 
 def _gen(model, tok, prompts=PROMPTS, **kw):
     kw = {"max_new_tokens": 6, "batch_size": 2, "progress": False, **kw}
-    return generate(model, tok, prompts, **kw)[0]
+    return generate(model, tok, prompts, **kw).texts
 
 
 def test_render_prompts(tiny):
@@ -59,26 +59,31 @@ def test_generate_order_determinism_and_state(tiny):
 
 def test_generate_lengths_and_chat(tiny):
     model, tok = tiny
-    texts, lengths = generate(model, tok, PROMPTS[:2], max_new_tokens=5, progress=False, chat=True)
-    assert len(texts) == 2 and all(0 <= n <= 5 for n in lengths)
-    assert generate(model, tok, [], progress=False) == ([], [])
+    samples = generate(model, tok, PROMPTS[:2], max_new_tokens=5, progress=False, chat=True)
+    assert len(samples.texts) == 2 and all(0 <= n <= 5 for n in samples.lengths)
+    for ids, done, text in zip(samples.token_ids, samples.finished, samples.texts):
+        # the sampled tokens end with eos exactly when the sample finished, and decode to the text
+        assert (ids[-1:] == [tok.eos_token_id]) == done
+        assert tok.decode(ids, skip_special_tokens=True) == text
+    assert generate(model, tok, [], progress=False).texts == []
 
 
 def test_completion_logps_matches_full_forward(tiny):
     model, tok = tiny
     prompts, completions = ["The movie was", "I"], [" great fun", " think not, really"]
-    got = completion_logps(model, tok, prompts, completions, batch_size=2)
+    prompt_ids = [tok(p)["input_ids"] for p in prompts]
+    completion_ids = [tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for c in completions]
+    got = completion_logps(model, prompt_ids, completion_ids, pad_id=tok.pad_token_id, batch_size=2)
     assert got.shape == (2,)
     for i in range(2):
-        p = tok(prompts[i])["input_ids"]
-        c = tok(completions[i], add_special_tokens=False)["input_ids"]
+        p, c = prompt_ids[i], completion_ids[i]
         ids = torch.tensor([p + c])
         with torch.no_grad():
             logp = F.log_softmax(model(ids).logits[0, :-1].float(), -1)
         want = logp[torch.arange(len(p) - 1, ids.shape[1] - 1), torch.tensor(c)].sum()
         torch.testing.assert_close(got[i], want, atol=1e-4, rtol=1e-5)
-    # chat prompts score the same completion differently, but still finitely
-    assert torch.isfinite(completion_logps(model, tok, prompts, completions, chat=True)).all()
+    with pytest.raises(ValueError, match="2 prompts but 1 completions"):
+        completion_logps(model, prompt_ids, completion_ids[:1], pad_id=tok.pad_token_id)
 
 
 def test_perplexity_is_exp_mean_nll(tiny):

@@ -41,7 +41,8 @@ def sweep(tmp_path):
 
 
 def table_rows(markdown):
-    lines = markdown.strip().splitlines()
+    # keys constant over all rows are printed once above the table; the rows start with "|"
+    lines = [line for line in markdown.strip().splitlines() if line.startswith("|")]
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     return [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
 
@@ -140,9 +141,11 @@ def test_unreadable_results_are_skipped_with_a_warning(sweep, caplog):
 
 def test_explicit_metrics(sweep, capsys):
     assert report.main([str(sweep), "--metrics", "eval/kl,wall_time_s", "--group-by", "algo,beta"]) == 0
-    rows = table_rows(capsys.readouterr().out)
+    out = capsys.readouterr().out
+    rows = table_rows(out)
     assert len(rows) == 2  # grouped by beta only: both alphas and seeds pooled
-    assert list(rows[0]) == ["algo", "beta", "eval/kl", "wall_time_s", "n"]
+    assert list(rows[0]) == ["beta", "eval/kl", "wall_time_s", "n"]
+    assert out.startswith("algo=ra_dpo\n")  # a key constant over all rows is shown once, above the table
     assert rows[0]["n"] == "4" and rows[0]["wall_time_s"] == "1.500 ± 0.577"
 
 

@@ -15,6 +15,7 @@ from riskexp.risk import (
     entropic_lower,
     linear_quantile,
     ru_cvar_terms,
+    tail_counts,
     var_lower,
     var_upper,
     vocab_weighted_cvar,
@@ -69,32 +70,37 @@ def test_cvar_gradient_flows_only_to_the_tail():
 @pytest.mark.parametrize("tail", ["lower", "upper"])
 @pytest.mark.parametrize("alpha", [0.05, 0.1, 0.3, 1.0])
 def test_ru_cvar_is_invariant_to_micro_batches_and_shards(tail, alpha):
-    """Same value and gradient whole, over 4 data-parallel shards, or 16 accumulation micro-batches."""
+    """Same value and gradient whole, over 4 data-parallel shards, or 16 accumulation micro-batches, and both
+    equal to the exact CVaR's, fractional boundary atom included (64 * alpha is fractional for 0.05, 0.1, 0.3)."""
     x = torch.randn(64, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) * 3
-    exact = cvar_lower(x, alpha) if tail == "lower" else cvar_upper(x, alpha)
+    exact_leaf = x.clone().requires_grad_(True)
+    exact = cvar_lower(exact_leaf, alpha) if tail == "lower" else cvar_upper(exact_leaf, alpha)
+    exact.backward()
 
     def run(n_parts):
         leaf = x.clone().requires_grad_(True)
-        # the threshold is the VaR of the gathered batch (all_gather across ranks / the whole accumulation step)
+        # threshold and counts of the gathered batch (all_gather across ranks / the whole accumulation step)
         threshold = var_lower(leaf.detach(), alpha) if tail == "lower" else var_upper(leaf.detach(), alpha)
+        counts = sum(tail_counts(part.detach(), threshold, tail) for part in leaf.detach().chunk(n_parts))
         total = 0.0
         for part in leaf.chunk(n_parts):
-            part_value = ru_cvar_terms(part, threshold, alpha, tail).mean() * part.numel() / leaf.numel()
+            part_value = ru_cvar_terms(part, threshold, alpha, tail, counts).mean() * part.numel() / leaf.numel()
             part_value.backward()  # as each micro-batch / rank would
             total += part_value.item()
         return total, leaf.grad
 
-    whole_value, whole_grad = run(1)
-    assert whole_value == pytest.approx(exact.item(), abs=1e-12)
-    for n_parts in (4, 16):
+    for n_parts in (1, 4, 16):
         value, grad = run(n_parts)
-        assert value == pytest.approx(whole_value, abs=1e-12)
-        assert torch.allclose(grad, whole_grad, atol=1e-15)
-    # and the gradient is the exact CVaR's gradient
-    leaf = x.clone().requires_grad_(True)
-    (cvar_lower(leaf, alpha) if tail == "lower" else cvar_upper(leaf, alpha)).backward()
-    if alpha * 64 == int(alpha * 64):  # no fractional atom: the subgradients agree exactly
-        assert torch.allclose(leaf.grad, whole_grad, atol=1e-12)
+        assert value == pytest.approx(exact.item(), abs=1e-12)
+        assert torch.allclose(grad, exact_leaf.grad, atol=1e-12), n_parts
+
+
+def test_ru_cvar_boundary_atom_gradient():
+    """x = [3, -1, .5, -2, 1], alpha = 0.3: the worst sample has weight 1/1.5, the boundary atom 0.5/1.5."""
+    x = torch.tensor([3.0, -1.0, 0.5, -2.0, 1.0], dtype=torch.float64, requires_grad=True)
+    ru_cvar_terms(x, var_lower(x.detach(), 0.3), 0.3).mean().backward()
+    assert torch.allclose(x.grad, torch.tensor([0, 1 / 3, 0, 2 / 3, 0], dtype=torch.float64))
+    assert x.grad.sum().item() == pytest.approx(1.0)  # translation equivariance
 
 
 def test_ru_rejects_unknown_tail():

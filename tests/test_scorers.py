@@ -34,7 +34,7 @@ def test_join_texts():
         "A b",
         "x",
     ]
-    assert join_texts(["The movie was"], ["great"], "prompt+completion") == ["The movie was great"]
+    assert join_texts(["The movie was"], ["great"], "prompt+completion") == ["The movie wasgreat"]  # exactly as sampled
     assert join_texts(["p"], ["c"], "completion") == ["c"]
     with pytest.raises(ValueError):
         join_texts(["p"], ["c"], "prompt")

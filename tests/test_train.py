@@ -77,8 +77,10 @@ def test_checkpoint_holds_policy_only_and_reference_stays_frozen(smoke_cfg, tmp_
     checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
     keys = checkpoint["state_dict"].keys()
     assert keys and all(k.startswith("policy.") for k in keys)
-    # and it loads back into a fresh module without asking for reference weights
-    module.load_state_dict(checkpoint["state_dict"], strict=False)
+    # and it loads back without asking for reference weights, but not without policy weights
+    module.on_load_checkpoint(checkpoint)
+    with pytest.raises(KeyError, match="lacks"):
+        module.on_load_checkpoint({"state_dict": {k: v for k, v in checkpoint["state_dict"].items() if "layers.0" not in k}})
 
 
 def test_precomputed_reference_logps_match_the_live_reference(smoke_cfg):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from omegaconf import DictConfig
 from riskexp.cli import CONF_DIR
 from riskexp.evaluation import score_with
 from riskexp.generation import generate
+from riskexp.results import atomic_write_text
 from riskexp.schema import ConfigError, validate
 
 Scorer = Callable[[list[str], list[str]], torch.Tensor]
@@ -58,10 +58,11 @@ def build_pairs(
     # one batched call over the prompts repeated k times: copies of a prompt share a length, so they share
     # batches and pad nothing; sampling makes the copies differ
     repeated = [p for p in prompts for _ in range(k)]
-    completions, _ = generate(
+    samples = generate(
         model, tokenizer, repeated, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
         do_sample=True, batch_size=batch_size, seed=seed, chat=chat,
     )
+    completions = samples.texts
     rewards = score_with(reward, repeated, completions, "reward")
     costs = score_with(cost, repeated, completions, "cost") if cost is not None else None
     scores = rewards - cost_weight * costs if costs is not None else rewards
@@ -82,6 +83,9 @@ def build_pairs(
             "rejected_score": scores[worst].item(),
             "chosen_reward": rewards[best].item(),
             "rejected_reward": rewards[worst].item(),
+            # a completion cut at max_new_tokens gets no eos in training (riskexp.data.tokenize_pair)
+            "chosen_finished": samples.finished[best],
+            "rejected_finished": samples.finished[worst],
         }
         if costs is not None:
             record.update(chosen_cost=costs[best].item(), rejected_cost=costs[worst].item())
@@ -90,22 +94,9 @@ def build_pairs(
 
 
 def write_jsonl(records: Iterable[dict], path: str | os.PathLike) -> Path:
-    """Write one JSON object per line, atomically: readers see the old file or the whole new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; the data set is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """One JSON object per line, written atomically: readers see the old file or the whole new one."""
+    text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+    return atomic_write_text(Path(path), text)
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

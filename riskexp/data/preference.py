@@ -172,7 +172,9 @@ def load_preference_file(
             first_error = first_error or str(err)
             continue
         used = set(keys.values())
-        record.update({k: v for k, v in row.items() if k not in used and k not in record and _is_number(v)})
+        # scores and flags (e.g. `chosen_finished`) travel with the record
+        record.update({k: v for k, v in row.items()
+                       if k not in used and k not in record and (_is_number(v) or isinstance(v, bool))})
         records.append(record)
         if limit is not None and len(records) >= limit:
             break
@@ -326,14 +328,17 @@ def tokenize_pair(
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    elif isinstance(prompt, str):
+        # a continuation: the response follows the prompt text exactly as it was sampled
+        prompt_ids = tokenizer(prompt)["input_ids"]
     else:
-        text = prompt if isinstance(prompt, str) else _hh_text(prompt)
-        prompt_ids = tokenizer(text)["input_ids"]
-        # plain-text continuation: the reference HH responses start with " " after "Assistant:"
-        if text and not text[-1].isspace():
-            chosen, rejected = (r if r[:1].isspace() else " " + r for r in (chosen, rejected))
-    chosen_ids = tokenizer(chosen, add_special_tokens=False)["input_ids"] + [eos]
-    rejected_ids = tokenizer(rejected, add_special_tokens=False)["input_ids"] + [eos]
+        prompt_ids = tokenizer(_hh_text(prompt))["input_ids"]
+        # HH text ends with "Assistant:"; the reference responses start with a space
+        chosen, rejected = (r if r[:1].isspace() else " " + r for r in (chosen, rejected))
+    # a response cut at a length limit when it was sampled (`*_finished: false`) did not end: no eos
+    chosen_ids = tokenizer(chosen, add_special_tokens=False)["input_ids"] + [eos] * record.get("chosen_finished", True)
+    rejected_ids = (tokenizer(rejected, add_special_tokens=False)["input_ids"]
+                    + [eos] * record.get("rejected_finished", True))
 
     longer = max(len(chosen_ids), len(rejected_ids))
     if len(prompt_ids) + longer > max_length:
