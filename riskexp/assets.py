@@ -233,7 +233,7 @@ def _convert_smollm2(gguf: Path, out: Path) -> dict:
     t0 = time.perf_counter()
     _log(
         f"one-time conversion of {gguf.name} -> {out.parent / SMOLLM2_DIRNAME} "
-        "(about 20-25 s on 2 CPU cores, 538 MB on disk)"
+        "(about 25-50 s on 2 CPU cores, 538 MB on disk)"
     )
     _log("[1/3] building tokenizer from GGUF ...")
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

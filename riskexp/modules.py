@@ -42,10 +42,16 @@ class PolicyModule(L.LightningModule):
         self.scheduler_factory = scheduler
         # checkpoints hold the policy only; loading one must not demand reference weights
         self.strict_loading = False
+        self.validated_at_step: int | None = None
 
     def state_dict(self, *args, **kwargs):
         state = super().state_dict(*args, **kwargs)
         return type(state)((k, v) for k, v in state.items() if not k.startswith(REFERENCE_PREFIX))
+
+    def on_validation_epoch_end(self) -> None:
+        # lets the run skip a final validation pass when the last one already saw the final weights
+        if not self.trainer.sanity_checking:
+            self.validated_at_step = self.global_step
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # loading is not strict because the reference is left out; the policy's weights must all be there
@@ -150,6 +156,7 @@ class PreferenceModule(PolicyModule):
         self._val_margins.append(margins.float())
 
     def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
         if not self._val_margins:
             return
         # the tail over the *whole* validation set (gathered across ranks), never an average of batch tails

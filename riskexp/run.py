@@ -39,9 +39,11 @@ def describe(cfg: DictConfig) -> dict:
     }
 
 
-def datamodule_config(cfg: DictConfig) -> DictConfig:
-    """The data group without its `task` (evaluation) and `build` (preference building) sections."""
-    return OmegaConf.masked_copy(cfg.data, [k for k in cfg.data if k not in ("task", "build")])
+def datamodule_config(cfg: DictConfig) -> dict:
+    """The data group without its `task` (evaluation) and `build` (preference building) sections, resolved
+    while still attached to the whole config (it interpolates top-level keys such as `seed`)."""
+    return {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+            for k, v in cfg.data.items() if k not in ("task", "build")}
 
 
 def evaluate_task(cfg: DictConfig, policy, reference, tokenizer) -> tuple[dict, list[dict]]:
@@ -147,8 +149,10 @@ def _train(cfg: DictConfig, out: Path) -> dict:
     trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=str(out))
     trainer.fit(module, datamodule=datamodule)
     train_metrics = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
-    # a last full pass over the validation set with the final weights
-    val_metrics = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+    if module.validated_at_step == trainer.global_step:
+        val_metrics = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    else:  # a last full pass over the validation set with the final weights
+        val_metrics = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
 
     results = flat | {
         "steps": trainer.global_step,
