@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
+from hydra.experimental.callback import Callback
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -168,3 +169,27 @@ def validate(cfg: DictConfig) -> None:
         path = cfg.model.get(key)
         if path:
             _check(os.path.isdir(path), f"model.{key}", path, "an existing directory, e.g. runs/<...>/policy")
+
+
+# --- sweeps: every job's config is checked before the first one starts -----------------------------------
+
+
+class ValidateSweep(Callback):
+    """Hydra callback (`hydra.callbacks` in conf/config.yaml): at the start of a --multirun, compose and
+    `validate` the config of every job, so `alpha=0.1,1.5` fails in seconds, not after the first job trained."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        import sys
+
+        from hydra import compose
+        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+        for batch in BasicSweeper.split_arguments(overrides, None):
+            for job in batch:
+                try:
+                    validate(compose(config.hydra.job.config_name, overrides=job))
+                except ConfigError as error:
+                    print(f"riskexp: configuration error in sweep job {' '.join(job)}: {error}", file=sys.stderr)
+                    sys.exit(2)

@@ -29,6 +29,7 @@ def riskexp(*args, runs_dir, env=None, timeout=600):
         (["beta=-1"], ["beta=-1", "> 0"]),
         (["risk=foo"], ["risk/foo", "cvar", "entropic", "mean"]),
         (["algo=nope"], ["algo/nope", "dpo", "ra_dpo"]),
+        (["--multirun", "experiment=smoke", "alpha=0.1,1.5"], ["sweep job", "alpha=1.5", "(0, 1]"]),
     ],
 )
 def test_bad_configurations_fail_fast_with_a_clear_message(tmp_path, args, expected):
