@@ -268,6 +268,20 @@ def _csv_list(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
+# what report.md shows by default: the papers' headline numbers (report.csv keeps every metric)
+HEADLINE_METRICS = (
+    "eval/reward_mean", "eval/reward_cvar", "eval/cost_mean", "eval/cost_cvar", "eval/cost_rate", "eval/kl",
+    "ref_eval/reward_mean", "ref_eval/reward_cvar", "ref_eval/cost_cvar",
+    "val/loss", "val/implicit_accuracy", "val/reward_accuracy", "val/kl_chosen", "val/risk_ratio_chosen",
+)
+
+
+def headline_metrics(summary: pd.DataFrame) -> list[str] | None:
+    """The headline metrics present in a summary, or None (all of them) when it has none."""
+    present = [m for m in HEADLINE_METRICS if f"{m}_mean" in summary.columns]
+    return present or None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m riskexp.report", description="Tabulate and plot the results.json files of runs."
@@ -277,7 +291,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--metrics",
         type=_csv_list,
-        help="comma-separated metrics (default: val/*, eval/*, ref_eval/*, steps)",
+        help="comma-separated metrics (default: val/*, eval/*, ref_eval/*, steps in report.csv; "
+        "the headline ones of these in report.md)",
     )
     parser.add_argument(
         "--group-by",
@@ -297,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     first = args.paths[0]
     out = args.out or (first if first.is_dir() else first.parent)
     out.mkdir(parents=True, exist_ok=True)
-    table = to_markdown(summary)
+    table = to_markdown(summary, args.metrics or headline_metrics(summary))
     (out / "report.md").write_text(table)
     summary.to_csv(out / "report.csv", index=False)
     print(table, end="")

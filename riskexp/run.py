@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -109,8 +110,6 @@ def run(cfg: DictConfig) -> dict:
 
 
 def _train(cfg: DictConfig, out: Path) -> dict:
-    import warnings
-
     import lightning as L
 
     # the frozen reference is in eval mode on purpose
