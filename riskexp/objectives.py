@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -172,7 +171,3 @@ def implicit_reward_accuracy(chosen_logratios: Tensor, rejected_logratios: Tenso
     unlike each method's own reward (TDPO/Ra-DPO include their term in it). (B,) -> ()."""
     return (chosen_logratios > rejected_logratios).float().mean()
 
-
-def stack_metrics(values: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Detach and convert metric tensors to float32 scalars or vectors for logging."""
-    return {k: v.detach().float() for k, v in values.items() if isinstance(v, torch.Tensor)}
