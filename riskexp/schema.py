@@ -103,9 +103,16 @@ def run_dirname(override_dirname: str) -> str:
     return re.sub(r"[/\\]", "_", override_dirname)
 
 
+def gpus_per_task(accelerator: str, devices: int) -> int:
+    """GPUs to ask SLURM for: the trainer's devices on a GPU trainer, none on a CPU one."""
+    return int(devices) if accelerator in ("gpu", "cuda") else 0
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("rx.dirname"):
         OmegaConf.register_new_resolver("rx.dirname", run_dirname)
+    if not OmegaConf.has_resolver("rx.gpus"):
+        OmegaConf.register_new_resolver("rx.gpus", gpus_per_task)
     if not OmegaConf.has_resolver("rx.package"):
         OmegaConf.register_new_resolver("rx.package", lambda rel: str(PACKAGE_DIR / rel))
 

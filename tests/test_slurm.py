@@ -1,0 +1,39 @@
+"""A --multirun through the SLURM launcher on a real single-node SLURM cluster (shared/slurm/slurm_local.sh)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SLURM_LOCAL = REPO.parent / "shared" / "slurm" / "slurm_local.sh"
+
+
+@pytest.fixture
+def slurm_cluster(tmp_path):
+    if not SLURM_LOCAL.exists() or os.geteuid() != 0:
+        pytest.skip("needs root and shared/slurm/slurm_local.sh beside the checkout")
+    state = tmp_path / "slurm"
+    subprocess.run(["bash", str(SLURM_LOCAL), "start", str(state)], check=True, capture_output=True, timeout=300)
+    try:
+        yield {"SLURM_CONF": str(state / "slurm.conf")}
+    finally:
+        subprocess.run(["bash", str(SLURM_LOCAL), "stop", str(state)], capture_output=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_sweep_runs_as_a_slurm_job_array(slurm_cluster, tmp_path):
+    env = os.environ | slurm_cluster | {"RISKEXP_RUNS": str(tmp_path / "runs"), "RISKEXP_SLURM_PARTITION": "debug",
+                                        "RISKEXP_SLURM_CPUS": "1", "RISKEXP_SLURM_MEM_GB": "3", "WANDB_MODE": "disabled"}
+    result = subprocess.run(
+        [sys.executable, "-m", "riskexp", "--multirun", "hydra/launcher=slurm", "hydra.launcher.timeout_min=10",
+         "hydra.launcher.signal_delay_s=30", "experiment=smoke", "logger=none", "trainer.max_steps=1",
+         "alpha=0.1,0.2"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep = tmp_path / "runs" / "sweeps" / "smoke"
+    assert len(list(sweep.rglob("results.json"))) == 2
+    assert list(sweep.glob(".submitit/*")), "the jobs went through submitit"
