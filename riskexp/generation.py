@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from riskexp.logps import IGNORE_INDEX, sequence_stats
+from riskexp.logps import IGNORE_INDEX, pad_rows, sequence_stats
 from riskexp.models import hidden_and_head
 
 
@@ -82,18 +82,6 @@ def _batches(lengths: Sequence[int], batch_size: int, descending: bool = True) -
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def _pad(rows: list[list[int]], pad_id: int, left: bool, fill: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, attention_mask) of a list of token lists, padded on the left or the right."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id if fill is None else fill, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        span = slice(width - len(r), width) if left else slice(0, len(r))
-        ids[i, span] = torch.tensor(r, dtype=torch.long)
-        mask[i, span] = 1
-    return ids, mask
-
-
 def _eos_ids(model, tokenizer) -> list[int]:
     # the model's generation config may list several stop tokens (Llama 3); the tokenizer's eos always stops
     ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -152,7 +140,7 @@ def generate(
         torch.manual_seed(seed)
         for batch in tqdm(_batches([len(x) for x in ids], batch_size), desc="generate", disable=not progress):
             # left padding is done here, not through tokenizer.padding_side: a shared tokenizer is never mutated
-            input_ids, mask = _pad([ids[i] for i in batch], pad_id, left=True)
+            input_ids, mask = pad_rows([ids[i] for i in batch], pad_id, left=True)
             out = model.generate(
                 input_ids=input_ids.to(device),
                 attention_mask=mask.to(device),
@@ -182,8 +170,8 @@ def _sequence_sums(model, input_ids: torch.Tensor, mask: torch.Tensor, labels: t
 
 def _labelled(rows: list[tuple[list[int], list[int]]], pad_id: int):
     """Right-padded (ids, mask, labels) of (context, scored tokens) pairs; labels are -100 on the context."""
-    ids, mask = _pad([c + s for c, s in rows], pad_id, left=False)
-    labels, _ = _pad([[IGNORE_INDEX] * len(c) + s for c, s in rows], pad_id, left=False, fill=IGNORE_INDEX)
+    ids, mask = pad_rows([c + s for c, s in rows], pad_id)
+    labels, _ = pad_rows([[IGNORE_INDEX] * len(c) + s for c, s in rows], IGNORE_INDEX)
     return ids, mask, labels
 
 

@@ -41,6 +41,20 @@ class SequenceStats:
         return self.policy_logps - self.ref_logps
 
 
+def pad_rows(rows: list[list[int]], value: int, left: bool = False) -> tuple[Tensor, Tensor]:
+    """(ids, attention_mask), both (N, L) int64, of token lists padded with `value` on the right (or left).
+
+    The mask comes from the true lengths, never from the ids: pad may equal eos."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), value, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, span] = torch.tensor(row, dtype=torch.long)
+        mask[i, span] = 1
+    return ids, mask
+
+
 def _identity(x: Tensor) -> Tensor:
     return x
 

@@ -7,12 +7,10 @@ never optimised, never checkpointed and always in eval mode, and the optimizer/s
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
 
 import lightning as L
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
 from riskexp.logps import SequenceStats, sequence_stats
 from riskexp.models import hidden_and_head
@@ -171,14 +169,9 @@ class PreferenceModule(PolicyModule):
     @torch.no_grad()
     def attach_reference_logps(self, datamodule) -> None:
         """Reference sequence log-probs, computed once per fit and reused every epoch (DPO, IPO)."""
-        from riskexp.data import collate_pairs
-
-        pad_id = datamodule.pad_token_id
         for split, features in (("train", datamodule.train_features), ("val", datamodule.val_features)):
-            loader = DataLoader(features, batch_size=datamodule.eval_batch_size, shuffle=False,
-                                collate_fn=partial(collate_pairs, pad_token_id=pad_id))
             values = {}
-            for batch in loader:
+            for batch in datamodule.loader(features, datamodule.eval_batch_size, shuffle=False):
                 batch = {k: v.to(self.device) for k, v in batch.items()}
                 hidden, head = hidden_and_head(self.reference, batch)
                 ref_logps = sequence_stats(hidden, batch["labels"], policy_head=head, chunk_size=self.chunk_size).policy_logps

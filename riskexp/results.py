@@ -6,8 +6,9 @@ import json
 import math
 import os
 import subprocess
-import tempfile
 from pathlib import Path
+
+from riskexp.files import atomic_write_text
 
 RESULTS_FILE = "results.json"
 
@@ -33,22 +34,6 @@ def _plain(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
-
-
-def atomic_write_text(path: Path, text: str) -> Path:
-    """Write a file atomically (temporary file, fsync, rename): readers never see half of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def write_results(directory: Path, results: dict) -> Path:

@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from riskexp.files import read_jsonl
+
 __all__ = [
     "Scorer",
     "VaderSentiment",
@@ -535,11 +537,6 @@ class HubClassifier(Scorer):
 # ------------------------------------------------------------------------------------------------------------
 
 
-def _read_jsonl(path: str | os.PathLike) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def stratified_split(labels: Sequence[float], val_frac: float, seed: int) -> tuple[list[int], list[int]]:
     """Indices (train, val); each class contributes round(val_frac * count) examples to val (>=1 if possible)."""
     rng = random.Random(seed)
@@ -554,7 +551,7 @@ def stratified_split(labels: Sequence[float], val_frac: float, seed: int) -> tup
 
 
 def train_minilm_main(args: argparse.Namespace) -> dict[str, Any]:
-    rows = _read_jsonl(args.data)
+    rows = read_jsonl(args.data)
     try:
         texts = [r[args.text_key] for r in rows]
         raw = [r[args.label_key] for r in rows]

@@ -3,8 +3,9 @@ import copy
 import pytest
 import torch
 
-from riskexp.data.build import build_pairs, read_jsonl, write_jsonl
+from riskexp.data.build import build_pairs
 from riskexp.evaluation import compare, distinct_n, evaluate_model, format_comparison, tail_metrics
+from riskexp.files import read_jsonl, write_jsonl
 from riskexp.models import tiny_llama
 
 PROMPTS = ["The movie was", "I think that", "A long, long opening line about a film, and then", "Honestly,"]

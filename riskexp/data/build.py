@@ -9,11 +9,8 @@ skipped. The records are what `riskexp.data.preference.load_preference_file` rea
 
 from __future__ import annotations
 
-import json
-import os
 import sys
-from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
 
 import hydra
 import torch
@@ -22,8 +19,8 @@ from omegaconf import DictConfig
 
 from riskexp.cli import CONF_DIR
 from riskexp.evaluation import score_with
+from riskexp.files import write_jsonl
 from riskexp.generation import generate
-from riskexp.results import atomic_write_text
 from riskexp.schema import ConfigError, validate
 
 Scorer = Callable[[list[str], list[str]], torch.Tensor]
@@ -91,18 +88,6 @@ def build_pairs(
             record.update(chosen_cost=costs[best].item(), rejected_cost=costs[worst].item())
         records.append(record)
     return records
-
-
-def write_jsonl(records: Iterable[dict], path: str | os.PathLike) -> Path:
-    """One JSON object per line, written atomically: readers see the old file or the whole new one."""
-    text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
-    return atomic_write_text(Path(path), text)
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """The records of a JSON-lines file (blank lines ignored)."""
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="build")

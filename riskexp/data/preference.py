@@ -25,9 +25,10 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
+from riskexp.logps import IGNORE_INDEX, pad_rows
+
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 TRUNCATION_MODES = ("keep_end", "keep_start")
 FIXTURE_PREFERENCES = str(Path(__file__).parent / "fixtures" / "preferences.jsonl")
 
@@ -367,18 +368,11 @@ def collate_pairs(features: list[dict], pad_token_id: int) -> dict[str, torch.Te
         raise ValueError("collate_pairs needs at least one feature")
     ids = [f["chosen_input_ids"] for f in features] + [f["rejected_input_ids"] for f in features]
     labels = [f["chosen_labels"] for f in features] + [f["rejected_labels"] for f in features]
-    width = max(len(x) for x in ids)
-    batch = {
-        "input_ids": torch.full((len(ids), width), pad_token_id, dtype=torch.long),
-        "attention_mask": torch.zeros((len(ids), width), dtype=torch.long),
-        "labels": torch.full((len(ids), width), IGNORE_INDEX, dtype=torch.long),
-    }
     for row, (x, y) in enumerate(zip(ids, labels)):
         if len(x) != len(y):
             raise ValueError(f"input_ids and labels differ in length ({len(x)} vs {len(y)}) in row {row}")
-        batch["input_ids"][row, : len(x)] = torch.tensor(x, dtype=torch.long)
-        batch["labels"][row, : len(y)] = torch.tensor(y, dtype=torch.long)
-        batch["attention_mask"][row, : len(x)] = 1
+    input_ids, attention_mask = pad_rows(ids, pad_token_id)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": pad_rows(labels, IGNORE_INDEX)[0]}
     if all(
         f.get("ref_chosen_logps") is not None and f.get("ref_rejected_logps") is not None for f in features
     ):
@@ -521,7 +515,7 @@ class PreferenceDataModule(L.LightningDataModule):
             self.max_length,
         )
 
-    def _loader(self, features: list[dict], batch_size: int, shuffle: bool) -> DataLoader:
+    def loader(self, features: list[dict], batch_size: int, shuffle: bool) -> DataLoader:
         return DataLoader(
             features,
             batch_size=batch_size,
@@ -533,11 +527,11 @@ class PreferenceDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        return self._loader(self.train_features, self.batch_size, shuffle=True)
+        return self.loader(self.train_features, self.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
         self.setup()
-        return self._loader(self.val_features, self.eval_batch_size, shuffle=False)
+        return self.loader(self.val_features, self.eval_batch_size, shuffle=False)
 
     def attach_reference_logps(self, split: str, values: dict[int, tuple[float, float]]) -> None:
         """Store precomputed reference log-probs `{index: (chosen, rejected)}` on the `split` features, so

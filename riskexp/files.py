@@ -1,0 +1,44 @@
+"""Small file helpers shared across riskexp: atomic writes and JSON-lines records."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    """Write a file atomically (temporary file, fsync, rename): readers never see half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_jsonl(records: Iterable[dict], path: str | os.PathLike) -> Path:
+    """One JSON object per line, written atomically: readers see the old file or the whole new one."""
+    text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+    return atomic_write_text(Path(path), text)
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The records of a JSON-lines file (blank lines ignored); a bad line is named by its number."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except ValueError as error:
+                    raise ValueError(f"{path}:{number}: invalid JSON: {error}") from error
+    return rows
