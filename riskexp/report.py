@@ -2,9 +2,12 @@
 
     python -m riskexp.report RUN_OR_SWEEP_DIR [MORE_DIRS...] [--out DIR] [--metrics m1,m2] [--group-by k1,k2]
 
-Runs are grouped by (algo, variant, risk, alpha, beta) and every metric is reported as mean ± sd over
-the runs (seeds) of a group. ``report.md``, ``report.csv``, ``reward_vs_kl.png`` and ``cvar_vs_alpha.png``
-are written to the output directory (default: the first directory given).
+Runs are grouped by the keys every run records (model, data, algo, variant, risk, alpha, beta, ...) and by
+every key overridden on the command line of any run (read from ``overrides`` in results.json, valued from its
+``config``), except ``seed`` and keys that do not change results: two runs in one row differ only in the seed.
+Every metric is reported as mean ± sd over the runs of a group (``mean [lo, hi]`` for a single run with a
+bootstrap interval). ``report.md``, ``report.csv``, ``reward_vs_kl.png`` and ``cvar_vs_alpha.png`` are written to
+the output directory (default: the first directory given).
 """
 
 from __future__ import annotations
@@ -23,16 +26,17 @@ import pandas as pd
 # process-wide backend of whoever imports this module is left alone.
 from matplotlib.figure import Figure
 
+from riskexp.results import RESULTS_FILE, changes_results
+
 log = logging.getLogger(__name__)
 
-RESULTS_FILE = "results.json"
-# every key that changes a run's configuration, so that only seeds are averaged; constant keys are shown once
-# above the table rather than in every row
+# the flat keys of every results.json that say which configuration a run had (override keys are added to them)
 DEFAULT_GROUP_BY = ("model", "data", "algo", "variant", "kl_weight", "risk", "estimator", "risk_param", "alpha", "beta")
+# what is averaged over: the only override allowed to differ within a row
+AVERAGED_KEYS = ("seed",)
 METRIC_PREFIXES = ("val/", "eval/", "ref_eval/")
+INTERVAL_SUFFIXES = ("/lo", "/hi")  # K/lo, K/hi: the bootstrap interval of metric K
 PLOT_METRICS = ("eval/reward_mean", "eval/kl", "eval/reward_cvar", "ref_eval/reward_mean", "ref_eval/kl")
-# A line of the CVaR plot is one configuration with only alpha varying.
-LINE_KEYS = ("algo", "variant", "risk", "beta")
 
 
 def collect(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
@@ -79,51 +83,96 @@ def default_metrics(df: pd.DataFrame) -> list[str]:
     return [c for c in numeric if c.startswith(METRIC_PREFIXES)] + (["steps"] if "steps" in numeric else [])
 
 
+def override_key(override: str) -> str:
+    """The config key of a command-line override: `++optimizer.lr=1e-4` -> `optimizer.lr`."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def override_keys(df: pd.DataFrame) -> list[str]:
+    """Every key overridden on the command line of some run, sorted, minus `seed` and keys that do not
+    change results (results.NON_RESULT_KEYS)."""
+    overrides = df["overrides"] if "overrides" in df else pd.Series(dtype=object)
+    keys = {override_key(o) for run in overrides if isinstance(run, list) for o in run}
+    return sorted(k for k in keys if k not in AVERAGED_KEYS and changes_results(k))
+
+
+def group_keys(df: pd.DataFrame) -> list[str]:
+    """DEFAULT_GROUP_BY, then the override keys (override_keys) not among them."""
+    return [*DEFAULT_GROUP_BY, *(k for k in override_keys(df) if k not in DEFAULT_GROUP_BY)]
+
+
 def summarize(
-    df: pd.DataFrame, group_by: Sequence[str] = DEFAULT_GROUP_BY, metrics: Sequence[str] | None = None
+    df: pd.DataFrame, group_by: Sequence[str] | None = None, metrics: Sequence[str] | None = None
 ) -> pd.DataFrame:
     """Mean, sd (ddof=1, NaN for a single run) and run count of each metric per group.
 
-    Columns: the group keys, ``n``, then ``<metric>_mean`` and ``<metric>_sd`` for each metric; rows are
-    sorted by the keys. A key missing from a run groups as "". Raises ValueError for unknown metrics.
+    ``group_by`` defaults to ``group_keys(df)``. Columns: the group keys, ``n``, then ``<metric>_mean`` and
+    ``<metric>_sd`` for each metric and for its interval bounds ``<metric>/lo``, ``<metric>/hi`` where runs
+    have them; rows are sorted by the keys. A key missing from a run groups as "". Raises ValueError for
+    unknown metrics.
     """
-    group_by = list(group_by)
+    group_by = group_keys(df) if group_by is None else list(group_by)
     available = numeric_columns(df)
     metrics = default_metrics(df) if metrics is None else list(metrics)
     unknown = [m for m in metrics if m not in available]
     if unknown:
         raise ValueError(f"unknown metric(s): {', '.join(unknown)}; available: {', '.join(available)}")
+    bounds = [m + b for m in metrics for b in INTERVAL_SUFFIXES if m + b in available and m + b not in metrics]
+    metrics += bounds
 
-    keys = pd.DataFrame({g: _key_column(df, g) for g in group_by}, index=df.index)
-    groups: dict[tuple, list] = {}
-    for idx, key in zip(df.index, keys.itertuples(index=False, name=None)):
-        groups.setdefault(key, []).append(idx)
-
-    rows = []
-    for key in sorted(groups, key=_sort_key):
-        part = df.loc[groups[key], metrics]
-        row = {**dict(zip(group_by, key)), "n": len(part)}
-        for m in metrics:
-            row[f"{m}_mean"] = part[m].mean()
-            row[f"{m}_sd"] = part[m].std(ddof=1)
-        rows.append(row)
-    columns = [*group_by, "n", *(f"{m}_{stat}" for m in metrics for stat in ("mean", "sd"))]
-    return pd.DataFrame(rows, columns=columns)
+    # no keys at all: every run in one group
+    keys = [key_column(df, g) for g in group_by] or [pd.Series(0, index=df.index, name=_ONE_GROUP)]
+    grouped = df[metrics].groupby(keys, dropna=False, sort=False)
+    stats = grouped.agg(["mean", "std"]) if metrics else pd.DataFrame(index=grouped.size().index)
+    stats.columns = [f"{m}_{'sd' if stat == 'std' else stat}" for m, stat in stats.columns] if metrics else []
+    summary = pd.concat([grouped.size().rename("n"), stats], axis=1).reset_index().drop(columns=_ONE_GROUP,
+                                                                                         errors="ignore")
+    order = sorted(range(len(summary)), key=lambda i: _sort_key(summary.loc[i, group_by]))
+    summary = summary.iloc[order].reset_index(drop=True)
+    summary[group_by] = summary[group_by].astype(object).where(summary[group_by].notna(), "")
+    return summary
 
 
-def _key_column(df: pd.DataFrame, name: str) -> pd.Series:
-    if name not in df:
-        return pd.Series("", index=df.index, dtype=object)
-    col = df[name]
-    # pandas turns JSON ints into floats as soon as one run lacks the key; show variant 1, not 1.0.
-    if pd.api.types.is_float_dtype(col) and (col.dropna() % 1 == 0).all():
-        col = col.astype("Int64")
-    return col.astype(object).where(col.notna(), "")
+_ONE_GROUP = "__all_runs__"
 
 
-def _sort_key(key: tuple) -> tuple:
-    # Numbers sort numerically, strings alphabetically, missing ("") last, without comparing across types.
-    return tuple((2, "") if v == "" else (0, v) if isinstance(v, numbers.Real) else (1, str(v)) for v in key)
+def key_column(df: pd.DataFrame, name: str) -> pd.Series:
+    """The value of group key ``name`` in each run (None where a run lacks it).
+
+    A flat results.json key (``algo``, ``alpha``) is read as is; any other key from the run's ``config``
+    (``optimizer.lr``), else its config-group ``choices`` (``optimizer=rmsprop``), else the text of its override.
+    """
+    if name in df and name not in ("config", "choices", "overrides"):
+        col = df[name]
+        # pandas turns JSON ints into floats as soon as one run lacks the key; show variant 1, not 1.0.
+        if pd.api.types.is_float_dtype(col) and (col.dropna() % 1 == 0).all():
+            col = col.astype("Int64")
+        return col.astype(object).where(col.notna(), None).rename(name)
+    return pd.Series([_run_value(run, name) for run in df.to_dict("records")], index=df.index, name=name,
+                     dtype=object)
+
+
+def _run_value(run: dict, name: str):
+    for section in ("config", "choices"):
+        if isinstance(run.get(section), dict) and name in run[section]:
+            value = run[section][name]
+            # lists (eval.alphas) are not hashable group keys; their JSON text is, and reads the same
+            return json.dumps(value) if isinstance(value, list | dict) else value
+    overrides = run.get("overrides")
+    texts = [o.split("=", 1)[1] for o in overrides or () if "=" in o and override_key(o) == name]
+    return texts[-1] if texts else None
+
+
+def _sort_key(key: Iterable) -> tuple:
+    # Numbers sort numerically, strings alphabetically, missing last, without comparing across types.
+    return tuple(
+        (2, "") if _missing(v) else (0, v) if isinstance(v, numbers.Real) else (1, str(v)) for v in key
+    )
+
+
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, str) and value == "") or (
+        not isinstance(value, str) and bool(pd.isna(value)))
 
 
 def _fmt_key(value) -> str:
@@ -134,18 +183,28 @@ def _fmt_num(x: float, digits: int) -> str:
     return f"{x:.0f}" if float(x).is_integer() else f"{x:.{digits}f}"
 
 
-def _fmt_cell(mean: float, sd: float, digits: int) -> str:
+def _fmt_cell(row: dict, metric: str, digits: int) -> str:
+    mean, sd = row[f"{metric}_mean"], row[f"{metric}_sd"]
     if pd.isna(mean):
         return "-"
+    lo, hi = row.get(f"{metric}/lo_mean"), row.get(f"{metric}/hi_mean")
+    if row["n"] == 1 and lo is not None and hi is not None and pd.notna(lo) and pd.notna(hi):
+        return f"{_fmt_num(mean, digits)} [{_fmt_num(lo, digits)}, {_fmt_num(hi, digits)}]"
     if pd.isna(sd):  # a single run has no spread
         return _fmt_num(mean, digits)
     return f"{_fmt_num(mean, digits)} ± {_fmt_num(sd, digits)}"
 
 
-def to_markdown(summary: pd.DataFrame, metrics: Sequence[str] | None = None, digits: int = 3) -> str:
-    """Markdown table of a ``summarize`` result: group keys, ``mean ± sd`` per metric, then ``n``.
+def _is_bound(metric: str, metrics: Sequence[str]) -> bool:
+    return metric.endswith(INTERVAL_SUFFIXES) and metric[:-3] in metrics
 
-    The group keys are the columns before ``n``; ``metrics`` defaults to every metric in the summary.
+
+def to_markdown(summary: pd.DataFrame, metrics: Sequence[str] | None = None, digits: int = 3) -> str:
+    """Markdown table of a ``summarize`` result: group keys, ``mean ± sd`` per metric (``mean [lo, hi]``
+    for a single run with an interval), then ``n``.
+
+    The group keys are the columns before ``n``; keys with one value over all rows are shown once above the
+    table. ``metrics`` defaults to every metric in the summary except interval bounds shown in their cell.
     """
     all_keys = list(summary.columns[: summary.columns.get_loc("n")])
     constant = [k for k in all_keys if len(summary) > 1 and summary[k].nunique(dropna=False) == 1]
@@ -153,31 +212,24 @@ def to_markdown(summary: pd.DataFrame, metrics: Sequence[str] | None = None, dig
     caption = ", ".join(f"{k}={_fmt_key(summary[k].iloc[0])}" for k in constant if summary[k].iloc[0] != "")
     if metrics is None:
         stems = [c.removesuffix("_mean") for c in summary.columns if c.endswith("_mean")]
-        metrics = [m for m in stems if f"{m}_sd" in summary.columns]
-    header = [*keys, *metrics, "n"]
-    body = [
-        [
-            *(_fmt_key(row[k]) for k in keys),
-            *(_fmt_cell(row[f"{m}_mean"], row[f"{m}_sd"], digits) for m in metrics),
-            str(int(row["n"])),
-        ]
-        for row in summary.to_dict("records")
-    ]
-    table = [[cell.replace("|", r"\|") for cell in line] for line in [header, *body]]
-    widths = [max(3, *(len(line[i]) for line in table)) for i in range(len(header))]
-
-    def fmt(cells: list[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
-
-    lines = [fmt(table[0]), fmt(["-" * w for w in widths]), *map(fmt, table[1:])]
-    return (f"{caption}\n\n" if caption else "") + "\n".join(lines) + "\n"
+        stems = [m for m in stems if f"{m}_sd" in summary.columns]
+        metrics = [m for m in stems if not _is_bound(m, stems)]
+    rows = summary.to_dict("records")
+    cells = {
+        **{k: [_fmt_key(row[k]) for row in rows] for k in keys},
+        **{m: [_fmt_cell(row, m, digits) for row in rows] for m in metrics},
+        "n": [str(int(row["n"])) for row in rows],
+    }
+    # a "|" inside a cell would end it
+    table = pd.DataFrame({k.replace("|", r"\|"): [c.replace("|", r"\|") for c in v] for k, v in cells.items()})
+    return (f"{caption}\n\n" if caption else "") + table.to_markdown(index=False, disable_numparse=True) + "\n"
 
 
-def plot(data: pd.DataFrame, out_dir: str | Path, group_by: Sequence[str] = DEFAULT_GROUP_BY) -> list[Path]:
+def plot(data: pd.DataFrame, out_dir: str | Path, group_by: Sequence[str] | None = None) -> list[Path]:
     """Write ``reward_vs_kl.png`` and ``cvar_vs_alpha.png``; returns the paths written.
 
-    ``data`` is either per-run (from ``collect``; summarised by ``group_by`` here) or a ``summarize``
-    result. A plot whose metrics are absent is skipped with a note on stderr.
+    ``data`` is either per-run (from ``collect``; summarised by ``group_by`` here, default ``group_keys``) or
+    a ``summarize`` result. A plot whose metrics are absent is skipped with a note on stderr.
     """
     if "n" in data.columns and "run_dir" not in data.columns:
         summary = data
@@ -215,6 +267,12 @@ def _describe(row: dict, keys: Sequence[str]) -> str:
     return " ".join(parts)
 
 
+def _varying_keys(summary: pd.DataFrame, exclude: Sequence[str] = ()) -> list[str]:
+    """The group keys (columns before ``n``) that take more than one value, minus ``exclude``."""
+    keys = summary.columns[: summary.columns.get_loc("n")]
+    return [k for k in keys if k not in exclude and summary[k].nunique(dropna=False) > 1]
+
+
 def _labels(summary: pd.DataFrame, keys: Sequence[str], default: str = "") -> pd.Series:
     return pd.Series([_describe(r, keys) or default for r in summary.to_dict("records")], index=summary.index)
 
@@ -229,8 +287,8 @@ def _draw_reward_vs_kl(ax, s: pd.DataFrame) -> str | None:
     for label in labels[ok].unique():  # one colour (and legend entry) per algo+risk
         sel = ok & (labels == label)
         ax.errorbar(x[sel], y[sel], xerr=xerr[sel], yerr=yerr[sel], fmt="o", capsize=3, label=label)
-    # The legend cannot tell apart the points of one algo+risk, so label each with its alpha and beta.
-    points = _labels(s, ("alpha", "beta"))
+    # The legend cannot tell apart the points of one algo+risk, so label each with the other keys that vary.
+    points = _labels(s, _varying_keys(s, exclude=("algo", "risk")))
     for i in s.index[ok]:
         ax.annotate(points[i], (x[i], y[i]), xytext=(4, 4), textcoords="offset points", fontsize=7)
 
@@ -254,7 +312,8 @@ def _draw_cvar_vs_alpha(ax, s: pd.DataFrame) -> str | None:
     if not ok.any():
         return "no eval/reward_cvar with a numeric alpha in the results"
     yerr = _num(s, "eval/reward_cvar_sd").fillna(0)
-    labels = _labels(s, LINE_KEYS, default="all runs")
+    # a line is one configuration with only alpha varying
+    labels = _labels(s, _varying_keys(s, exclude=("alpha",)), default="all runs")
     for label in labels[ok].unique():
         idx = alpha[ok & (labels == label)].sort_values().index
         ax.errorbar(alpha[idx], y[idx], yerr=yerr[idx], marker="o", capsize=3, label=label)
@@ -272,6 +331,7 @@ def _csv_list(text: str) -> list[str]:
 HEADLINE_METRICS = (
     "eval/reward_mean", "eval/reward_cvar", "eval/cost_mean", "eval/cost_cvar", "eval/cost_rate", "eval/kl",
     "ref_eval/reward_mean", "ref_eval/reward_cvar", "ref_eval/cost_cvar",
+    "eval/delta/reward_mean", "eval/delta/reward_cvar",  # paired policy-minus-reference changes
     "val/loss", "val/implicit_accuracy", "val/reward_accuracy", "val/kl_chosen", "val/risk_ratio_chosen",
 )
 
@@ -297,8 +357,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--group-by",
         type=_csv_list,
-        default=list(DEFAULT_GROUP_BY),
-        help=f"comma-separated group keys (default: {','.join(DEFAULT_GROUP_BY)})",
+        help=f"comma-separated group keys (default: {','.join(DEFAULT_GROUP_BY)} and every key overridden on "
+        "the command line of some run, except seed and keys that do not change results)",
     )
     args = parser.parse_args(argv)
 
