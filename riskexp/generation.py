@@ -1,9 +1,10 @@
 """Sampling from a causal LM and scoring text under it: batched generation, completion log-probs, perplexity.
 
-Prompts are tokenised the way `riskexp.data.preference.tokenize_pair` does: a chat-rendered prompt already
-holds its special tokens (`add_special_tokens=False`), a raw continuation prompt gets the tokenizer's own
-(a BOS for Llama tokenizers, nothing for SmolLM2 / GPT-2). Padding never comes from token ids: pad may equal
-eos, so every batch carries an attention mask built from the true lengths.
+Prompts are rendered and tokenised by `riskexp.prompts.prompt_token_ids`, as in training
+(`riskexp.data.tokenize_pair`). Padding never comes from token ids: pad may equal eos, so every batch carries an
+attention mask built from the true lengths. Sampling uses a generation config built here from the arguments
+alone: nothing (repetition penalty, top-k, bad words, ...) is inherited from a checkpoint's
+`generation_config.json`, so the samples come from the distribution the KL estimates assume.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from tqdm.auto import tqdm
 
 from riskexp.logps import IGNORE_INDEX, pad_rows, sequence_stats
 from riskexp.models import hidden_and_head
+from riskexp.prompts import prompt_token_ids
 
 
 @dataclass
@@ -35,23 +37,8 @@ class Samples:
         return [len(ids) - done for ids, done in zip(self.token_ids, self.finished)]
 
 
-def render_prompts(tokenizer, prompts: Sequence[str], chat: bool) -> list[str]:
-    """The text the model sees: the chat template around one user turn (chat=True), or the prompt as is."""
-    prompts = list(prompts)
-    if not chat:
-        return prompts
-    if not getattr(tokenizer, "chat_template", None):
-        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
-        raise ValueError(f"chat=True but tokenizer {name!r} has no chat template; use chat=False for plain text")
-    return [
-        tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
-        for p in prompts
-    ]
-
-
-def _prompt_ids(tokenizer, prompts: Sequence[str], chat: bool) -> list[list[int]]:
-    texts = render_prompts(tokenizer, prompts, chat)
-    ids = tokenizer(texts, add_special_tokens=not chat)["input_ids"] if texts else []
+def _prompt_ids(tokenizer, prompts: Sequence[str | list[dict]], prompt_format: str) -> list[list[int]]:
+    ids = [prompt_token_ids(tokenizer, p, prompt_format) for p in prompts]
     empty = [i for i, x in enumerate(ids) if not x]
     if empty:
         # a causal LM needs at least one token to condition on (raw prompts get no BOS from e.g. SmolLM2)
@@ -61,6 +48,32 @@ def _prompt_ids(tokenizer, prompts: Sequence[str], chat: bool) -> list[list[int]
 
 def _device(model) -> torch.device:
     return next(model.parameters()).device
+
+
+@contextlib.contextmanager
+def _own_generation_config(model) -> Iterator[None]:
+    """The model's saved `generation_config` set aside for the duration: `generate` fills every field left
+    unset in the config it is given from it (transformers >= 5), repetition penalties and bad words included."""
+    from transformers import GenerationConfig
+
+    saved = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
+def sampling_config(max_new_tokens: int, temperature: float, top_p: float, do_sample: bool, pad_token_id: int,
+                    eos_token_ids: list[int]):
+    """The whole `transformers.GenerationConfig` of `generate`: tempered / nucleus sampling (or greedy) and no
+    other logits processor. top_k=0 switches off the library's default top-k of 50."""
+    from transformers import GenerationConfig
+
+    sampling = {"do_sample": True, "temperature": float(temperature), "top_p": float(top_p), "top_k": 0}
+    return GenerationConfig(max_new_tokens=max_new_tokens, pad_token_id=pad_token_id,
+                            eos_token_id=eos_token_ids or None, use_cache=True,
+                            **(sampling if do_sample else {"do_sample": False}))
 
 
 @contextlib.contextmanager
@@ -92,16 +105,19 @@ def _eos_ids(model, tokenizer) -> list[int]:
 
 
 def pad_token_id(tokenizer) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise ValueError("tokenizer has neither a pad nor an eos token")
-    return pad
+    """The tokenizer's pad id. The one fallback (pad = eos, for GPT-2 / Pythia) is `riskexp.models.load_tokenizer`'s,
+    which every model loader goes through."""
+    if tokenizer.pad_token_id is None:
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise ValueError(f"tokenizer {name!r} has no pad token; load it with riskexp.models.load_tokenizer, "
+                         "which sets pad = eos")
+    return tokenizer.pad_token_id
 
 
 def generate(
     model,
     tokenizer,
-    prompts: Sequence[str],
+    prompts: Sequence[str | list[dict]],
     *,
     max_new_tokens: int = 48,
     temperature: float = 1.0,
@@ -109,10 +125,11 @@ def generate(
     do_sample: bool = True,
     batch_size: int = 32,
     seed: int = 0,
-    chat: bool = False,
+    prompt_format: str = "plain",
     progress: bool = True,
 ) -> Samples:
-    """One completion per prompt, with the tokens sampled and whether each stopped at eos.
+    """One completion per prompt (rendered by `prompt_format`, see `riskexp.prompts.render_prompt`), with the
+    tokens sampled and whether each stopped at eos, drawn with `sampling_config` only.
 
     Batches group prompts of similar length and are left-padded with an attention mask (the tokenizer's own
     `padding_side` is not touched); generation stops at eos or after `max_new_tokens`. The same `seed`, prompts
@@ -123,33 +140,22 @@ def generate(
         raise ValueError(f"temperature={temperature!r} must be > 0 when sampling; use do_sample=False for greedy")
     if not prompts:
         return Samples([], [], [], [])
-    ids = _prompt_ids(tokenizer, prompts, chat)
+    ids = _prompt_ids(tokenizer, prompts, prompt_format)
     pad_id, eos_ids = pad_token_id(tokenizer), _eos_ids(model, tokenizer)
-    sampling = {"do_sample": False}
-    if do_sample:
-        # top_k=0 switches off transformers' default top-k of 50: samples come from the tempered / nucleus
-        # distribution that was asked for, which the KL estimate on the policy's own samples relies on
-        sampling = {"do_sample": True, "temperature": float(temperature), "top_p": float(top_p), "top_k": 0}
+    config = sampling_config(max_new_tokens, temperature, top_p, do_sample, pad_id, eos_ids)
     device = _device(model)
     texts: list[str] = [""] * len(ids)
     token_ids: list[list[int]] = [[] for _ in ids]
     finished = [False] * len(ids)
     # fork the RNGs the sampler draws from, so the caller's global random state is left as it was
     cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    with _eval_mode(model), torch.random.fork_rng(devices=cuda), torch.no_grad():
+    with _eval_mode(model), _own_generation_config(model), torch.random.fork_rng(devices=cuda), torch.no_grad():
         torch.manual_seed(seed)
         for batch in tqdm(_batches([len(x) for x in ids], batch_size), desc="generate", disable=not progress):
             # left padding is done here, not through tokenizer.padding_side: a shared tokenizer is never mutated
             input_ids, mask = pad_rows([ids[i] for i in batch], pad_id, left=True)
-            out = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=mask.to(device),
-                max_new_tokens=max_new_tokens,
-                pad_token_id=pad_id,
-                eos_token_id=eos_ids or None,
-                use_cache=True,
-                **sampling,
-            )
+            out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                                 generation_config=config)
             new = out[:, input_ids.shape[1] :].cpu()
             for row, i in enumerate(batch):
                 tokens = new[row].tolist()

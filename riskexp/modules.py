@@ -6,6 +6,7 @@ never optimised, never checkpointed and always in eval mode, and the optimizer/s
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import lightning as L
@@ -25,6 +26,33 @@ def disable_dropout(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
+
+
+# Learning-rate schedules (conf/scheduler/*.yaml), counted in optimizer steps: transformers' schedules, their
+# warm-up `warmup_steps` long (the reference code's 150) but at most `max_warmup_fraction` of the run, so a short
+# run still reaches its peak learning rate. Hydra partially applies all but (optimizer, total_steps).
+
+
+def warmup_length(total_steps: int, warmup_steps: int, max_warmup_fraction: float) -> int:
+    return min(warmup_steps, int(max_warmup_fraction * total_steps))
+
+
+def warmup_constant(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 150,
+                    max_warmup_fraction: float = 0.1) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up then constant (DPO and TDPO reference code)."""
+    from transformers import get_constant_schedule_with_warmup
+
+    return get_constant_schedule_with_warmup(optimizer, warmup_length(total_steps, warmup_steps, max_warmup_fraction))
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 150,
+                  max_warmup_fraction: float = 0.1) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up then cosine decay to 0 at `total_steps` (Ra-DPO reference code)."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    return get_cosine_schedule_with_warmup(
+        optimizer, warmup_length(total_steps, warmup_steps, max_warmup_fraction), total_steps
+    )
 
 
 class PolicyModule(L.LightningModule):
@@ -168,13 +196,21 @@ class PreferenceModule(PolicyModule):
 
     @torch.no_grad()
     def attach_reference_logps(self, datamodule) -> None:
-        """Reference sequence log-probs, computed once per fit and reused every epoch (DPO, IPO)."""
+        """Reference sequence log-probs, computed once per fit and reused every epoch (DPO, IPO).
+
+        They are computed under the trainer's precision context of a training step (autocast for `bf16-mixed`),
+        so with the policy equal to the reference every log-ratio is 0 and the DPO loss log 2, as with the
+        reference run live in the step."""
+        # a module used without a trainer (tests, notebooks) computes in its own dtype
+        step_context = self._trainer.precision_plugin.train_step_context if self._trainer else contextlib.nullcontext
         for split, features in (("train", datamodule.train_features), ("val", datamodule.val_features)):
             values = {}
             for batch in datamodule.loader(features, datamodule.eval_batch_size, shuffle=False):
                 batch = {k: v.to(self.device) for k, v in batch.items()}
-                hidden, head = hidden_and_head(self.reference, batch)
-                ref_logps = sequence_stats(hidden, batch["labels"], policy_head=head, chunk_size=self.chunk_size).policy_logps
+                with step_context():
+                    hidden, head = hidden_and_head(self.reference, batch)
+                    stats = sequence_stats(hidden, batch["labels"], policy_head=head, chunk_size=self.chunk_size)
+                ref_logps = stats.policy_logps
                 half = ref_logps.shape[0] // 2
                 for i, index in enumerate(batch["index"].tolist()):
                     values[index] = (ref_logps[i].item(), ref_logps[half + i].item())

@@ -32,7 +32,10 @@ def dpo_loss(chosen_logratios: Tensor, rejected_logratios: Tensor, beta: float, 
 
 
 def ipo_loss(chosen_logratios: Tensor, rejected_logratios: Tensor, beta: float) -> Tensor:
-    """IPO (Azar et al. 2024, sampled loss of Sec. 5): (h - 1/(2 beta))^2, beta playing the role of tau. (B,) -> (B,)."""
+    """IPO (Azar et al. 2024, sampled loss of Sec. 5): (h - 1/(2 beta))^2, beta playing the role of tau. (B,) -> (B,).
+
+    The log-ratios are sums over response tokens, as in the IPO paper and the DPO reference code; TRL averages
+    them per token first (`IPO(average_log_ratios=True)`)."""
     h = chosen_logratios - rejected_logratios
     return (h - 1 / (2 * beta)) ** 2
 
@@ -101,8 +104,12 @@ class SequenceObjective:
     def losses(self, chosen_logratios: Tensor, rejected_logratios: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def logratios(self, stats: SequenceStats) -> Tensor:
+        """(2B,) the per-sequence log-ratios the loss and rewards use: sums over response tokens."""
+        return stats.logratios
+
     def __call__(self, stats: SequenceStats) -> ObjectiveOutput:
-        chosen, rejected = _split(stats.logratios)
+        chosen, rejected = _split(self.logratios(stats))
         return ObjectiveOutput(
             losses=self.losses(chosen, rejected),
             chosen_rewards=self.beta * chosen.detach(),
@@ -122,6 +129,18 @@ class DPO(SequenceObjective):
 
 
 class IPO(SequenceObjective):
+    """IPO on summed log-ratios; `average_log_ratios=True` divides each by its response's token count (TRL's
+    IPO), which makes the target margin 1 / (2 beta) per token rather than per sequence."""
+
+    def __init__(self, beta: float, average_log_ratios: bool = False):
+        super().__init__(beta)
+        self.average_log_ratios = bool(average_log_ratios)
+
+    def logratios(self, stats: SequenceStats) -> Tensor:
+        if not self.average_log_ratios:
+            return stats.logratios
+        return stats.logratios / stats.n_tokens.clamp(min=1)
+
     def losses(self, chosen_logratios: Tensor, rejected_logratios: Tensor) -> Tensor:
         return ipo_loss(chosen_logratios, rejected_logratios, self.beta)
 

@@ -96,6 +96,45 @@ def test_file_round_trip(tmp_path, name):
     assert load_preference_file(str(path), **KEYS) == EXPECTED
 
 
+def test_other_layouts_and_mixed_messages_read_through_datasets(tmp_path, monkeypatch):
+    import datasets
+
+    # nothing lands in the user's datasets cache, and no network is asked for
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "user-cache")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    lines = write_jsonl(tmp_path / "lines.json", ROWS)  # JSON lines under a .json name
+    assert load_preference_file(str(lines), **KEYS) == EXPECTED
+    by_column = tmp_path / "columns.json.gz"
+    with gzip.open(by_column, "wt") as f:
+        json.dump({"question": ["Hi?", "Yo?"], "good": ["a", "b"], "bad": ["c", "d"], "good_score": [1, 2]}, f)
+    assert load_preference_file(str(by_column), **KEYS) == [
+        {"prompt": "Hi?", "chosen": "a", "rejected": "c", "good_score": 1},
+        {"prompt": "Yo?", "chosen": "b", "rejected": "d", "good_score": 2},
+    ]
+    # messages keep exactly their own keys, in a JSON file and in a Parquet struct column (which fills absent
+    # keys with null)
+    messages = [{"role": "system", "content": "Be brief.", "name": "setup"}, {"role": "user", "content": "Q"}]
+    rows = [{"prompt": messages, "chosen": "A", "rejected": "B"}, {"prompt": messages[1:], "chosen": "C", "rejected": "D"}]
+    path = write_jsonl(tmp_path / "m.jsonl", rows)
+    pd.DataFrame(rows).to_parquet(tmp_path / "m.parquet")
+    for file in (path, tmp_path / "m.parquet"):
+        assert [r["prompt"] for r in load_preference_file(str(file))] == [messages, messages[1:]]
+    assert not (tmp_path / "user-cache").exists()
+
+
+def test_unreadable_files_are_named(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": \n')
+    with pytest.raises(ValueError, match=r"bad.jsonl: cannot be read as JSON"):
+        load_preference_file(str(bad))
+    (tmp_path / "p.csv").write_text("prompt,chosen,rejected\n")
+    with pytest.raises(ValueError, match=r"p.csv: unsupported file type; expected one of .*\.parquet"):
+        load_preference_file(str(tmp_path / "p.csv"))
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['prompt', 'chosen', 'rejected'\]"):
+        load_preference_file(str(tmp_path / "empty.jsonl"))
+
+
 def test_message_list_responses_keep_final_turn(tmp_path):
     row = {
         "prompt": "Q",
@@ -275,8 +314,53 @@ def test_truncation_paths(tok):
 
     with pytest.raises(ValueError, match=r"truncation_mode.*'keep_middle'"):
         tokenize_pair(record, tok, 80, 32, truncation_mode="keep_middle")
+    with pytest.raises(ValueError, match=r"truncation='prompt'.*'reference', 'prompt_room'"):
+        tokenize_pair(record, tok, 80, 32, truncation="prompt")
     with pytest.raises(ValueError, match="max_length"):
         tokenize_pair(record, tok, 32, 32)
+
+
+def test_response_truncation_reference_vs_prompt_room(tok):
+    """A prompt shorter than max_prompt_length with a too-long response: the DPO reference code cuts the
+    responses to max_length - max_prompt_length whatever the prompt's length; prompt_room fills max_length."""
+    record = {"prompt": "Tell me.", "chosen": "ok", "rejected": " ".join(["very"] * 40) + " long"}
+    tokenize = functools.partial(tokenize_pair, record, tok, prompt_format="plain")
+    full = tokenize(max_length=10_000, max_prompt_length=9_999)
+    n = full["prompt_length"]
+    prompt, chosen, rejected = full["chosen_input_ids"][:n], full["chosen_input_ids"][n:], full["rejected_input_ids"][n:]
+    assert n < 16 and n + len(rejected) > 40 and len(chosen) < 40 - 16
+
+    reference = tokenize(max_length=40, max_prompt_length=16)  # the default
+    assert reference == tokenize(max_length=40, max_prompt_length=16, truncation="reference")
+    assert reference["prompt_length"] == n  # the prompt fits its budget: not cut
+    assert reference["rejected_input_ids"] == prompt + rejected[: 40 - 16]
+    assert reference["chosen_input_ids"] == prompt + chosen
+
+    room = tokenize(max_length=40, max_prompt_length=16, truncation="prompt_room")
+    assert room["rejected_input_ids"] == prompt + rejected[: 40 - n] and len(room["rejected_input_ids"]) == 40
+    assert room["rejected_labels"] == [-100] * n + rejected[: 40 - n]
+    assert room["chosen_input_ids"] == reference["chosen_input_ids"]
+
+
+def test_prompt_formats_in_training(tok, plain_tok):
+    msgs = [{"role": "user", "content": "Egg?"}]
+    # plain: a string exactly as given, with the tokenizer's own special tokens (none for SmolLM2)
+    out = tokenize_pair({**PAIR, "prompt": "The movie was"}, tok, 512, 256, prompt_format="plain")
+    assert out["chosen_input_ids"][: out["prompt_length"]] == tok("The movie was")["input_ids"]
+    # a format string (the safety papers' SFT template), for a string and for a single user message
+    template = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"
+    for prompt in ("Egg?", msgs):
+        out = tokenize_pair({**PAIR, "prompt": prompt}, tok, 512, 256, prompt_format=template)
+        n = out["prompt_length"]
+        assert tok.decode(out["chosen_input_ids"][:n]) == "BEGINNING OF CONVERSATION: USER: Egg? ASSISTANT:"
+        assert tok.decode(out["chosen_input_ids"][n:]) == "Boil it for nine minutes.<|im_end|>"
+    # chat on a tokenizer without a template: plain, i.e. HH text for messages
+    assert tokenize_pair({**PAIR, "prompt": msgs}, plain_tok, 512, 256, prompt_format="chat") == tokenize_pair(
+        {**PAIR, "prompt": msgs}, plain_tok, 512, 256, prompt_format="plain")
+    with pytest.raises(ValueError, match=r"prompt_format='USER: <prompt>'.*\{prompt\}"):
+        tokenize_pair(PAIR, tok, 512, 256, prompt_format="USER: <prompt>")
+    with pytest.raises(ValueError, match="single user turn"):
+        tokenize_pair({**PAIR, "prompt": msgs * 2}, tok, 512, 256, prompt_format=template)
 
 
 # --------------------------------------------------------------------------------------------- collation
@@ -391,6 +475,8 @@ def test_datamodule_val_source_and_reference_logps(tok):
         ({"batch_size": 0}, "batch_size.*0"),
         ({"val_fraction": 1.0}, r"val_fraction.*\(0, 1\).*1.0"),
         ({"truncation_mode": "middle"}, "keep_end.*'middle'"),
+        ({"truncation": "cut"}, "truncation='cut'"),
+        ({"prompt_format": "chatml"}, "prompt_format='chatml'"),
         ({"limit": 0}, "limit"),
     ],
 )

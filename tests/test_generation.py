@@ -5,8 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from riskexp.generation import completion_logps, generate, perplexity, render_prompts
+from riskexp.generation import completion_logps, generate, perplexity
 from riskexp.models import tiny_llama
+from riskexp.prompts import prompt_token_ids, render_prompt
 
 PROMPTS = [
     "The movie was",
@@ -27,15 +28,54 @@ def _gen(model, tok, prompts=PROMPTS, **kw):
     return generate(model, tok, prompts, **kw).texts
 
 
-def test_render_prompts(tiny):
+def test_render_prompt_formats(tiny):
     _, tok = tiny
-    assert render_prompts(tok, ["hi"], chat=False) == ["hi"]
-    (text,) = render_prompts(tok, ["hi"], chat=True)
-    assert "hi" in text and text.endswith("<|im_start|>assistant\n")
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                {"role": "user", "content": "egg?"}]
+    assert render_prompt(tok, "hi", "plain") == "hi"
+    assert render_prompt(tok, messages, "plain") == "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: egg?\n\nAssistant:"
+    text = render_prompt(tok, "hi", "chat")
+    assert text == render_prompt(tok, [messages[0]], "chat") and text.endswith("<|im_start|>user\nhi<|im_end|>\n"
+                                                                              "<|im_start|>assistant\n")
+    assert render_prompt(tok, "hi", "USER: {prompt} ASSISTANT:") == "USER: hi ASSISTANT:"
+    # chat-template text carries its special tokens; plain text gets the tokenizer's own
+    assert prompt_token_ids(tok, "hi", "chat") == tok(text, add_special_tokens=False)["input_ids"]
     plain = copy.deepcopy(tok)
     plain.chat_template = None
-    with pytest.raises(ValueError, match="no chat template"):
-        render_prompts(plain, ["hi"], chat=True)
+    assert render_prompt(plain, messages, "chat") == render_prompt(plain, messages, "plain")
+    for bad in ("chatml", "USER: {text}", "{prompt} {other}", "{prompt"):
+        with pytest.raises(ValueError, match=r"prompt_format=.*not accepted.*'chat', 'plain'.*\{prompt\}"):
+            render_prompt(tok, "hi", bad)
+    with pytest.raises(ValueError, match="a prompt is a string or a list of chat messages"):
+        render_prompt(tok, [{"role": "user"}], "chat")
+
+
+def _with_saved_generation_config(model, directory, **settings):
+    """`model` saved and loaded back with `settings` in its generation_config.json, as a hub checkpoint."""
+    saved = copy.deepcopy(model)
+    for key, value in settings.items():
+        setattr(saved.generation_config, key, value)
+    saved.save_pretrained(directory)
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(directory)
+
+
+def test_generation_ignores_the_checkpoints_generation_config(tiny, tmp_path):
+    model, tok = tiny
+    penalised = _with_saved_generation_config(model, tmp_path, repetition_penalty=2.0, no_repeat_ngram_size=1, do_sample=True,
+                                              top_k=5, temperature=0.3)
+    assert penalised.generation_config.repetition_penalty == 2.0
+    for kw in ({"seed": 3}, {"do_sample": False}):
+        ours = generate(penalised, tok, PROMPTS, max_new_tokens=8, batch_size=5, progress=False, **kw)
+        clean = generate(model, tok, PROMPTS, max_new_tokens=8, batch_size=5, progress=False, **kw)
+        assert ours.token_ids == clean.token_ids
+    assert penalised.generation_config.repetition_penalty == 2.0  # restored after sampling
+    # the saved settings do change greedy text when inherited, so the equality above is not vacuous
+    ids = torch.tensor([tok(PROMPTS[0])["input_ids"]])
+    inherited = penalised.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                   max_new_tokens=8)
+    assert inherited[0, ids.shape[1]:].tolist() != clean.token_ids[0][:8]
 
 
 def test_generate_order_determinism_and_state(tiny):
@@ -59,7 +99,7 @@ def test_generate_order_determinism_and_state(tiny):
 
 def test_generate_lengths_and_chat(tiny):
     model, tok = tiny
-    samples = generate(model, tok, PROMPTS[:2], max_new_tokens=5, progress=False, chat=True)
+    samples = generate(model, tok, PROMPTS[:2], max_new_tokens=5, progress=False, prompt_format="chat")
     assert len(samples.texts) == 2 and all(0 <= n <= 5 for n in samples.lengths)
     for ids, done, text in zip(samples.token_ids, samples.finished, samples.texts):
         # the sampled tokens end with eos exactly when the sample finished, and decode to the text

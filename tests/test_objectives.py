@@ -11,6 +11,8 @@ from riskexp.objectives import DPO, IPO, TDPO, RaDPO, dpo_loss, ipo_loss, token_
 from riskexp.risk import CVaR, Entropic, Mean
 
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "preference_losses.json").read_text())
+# IPO and cDPO on the same batch's log-ratios (shared/golden/ipo_cdpo.json)
+IPO_CDPO = json.loads((Path(__file__).parent / "golden" / "ipo_cdpo.json").read_text())
 TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-4}
 
 
@@ -63,6 +65,49 @@ def test_dpo_golden(dtype):
     close(out.losses.mean(), GOLDEN["dpo"]["mean_loss"], dtype)
     close(out.chosen_rewards, GOLDEN["dpo"]["chosen_rewards"], dtype)
     close(out.rejected_rewards, GOLDEN["dpo"]["rejected_rewards"], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1, 0.25])
+def test_cdpo_golden(dtype, label_smoothing):
+    _, stats = stats_for(dtype)
+    close(stats.logratios, IPO_CDPO["logratios_chosen"] + IPO_CDPO["logratios_rejected"], dtype)
+    expected = IPO_CDPO[f"cdpo_label_smoothing_{label_smoothing}"]
+    out = DPO(beta=IPO_CDPO["beta"], label_smoothing=label_smoothing)(stats)
+    close(out.losses, expected["per_pair_loss"], dtype)
+    close(out.losses.mean(), expected["mean_loss"], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("beta", [0.1, 0.5])
+def test_ipo_golden(dtype, beta):
+    _, stats = stats_for(dtype)
+    expected = IPO_CDPO[f"ipo_beta_{beta}"]
+    out = IPO(beta=beta)(stats)
+    close(out.losses, expected["per_pair_loss"], dtype)
+    close(out.losses.mean(), expected["mean_loss"], dtype)
+    h = torch.tensor(IPO_CDPO["h"], dtype=dtype)
+    close(ipo_loss(h, torch.zeros_like(h), beta), expected["per_pair_loss"], dtype)
+
+
+def test_ipo_averaged_per_token_is_trls_form():
+    """average_log_ratios=True divides each sequence's log-ratio by its response length (TRL's IPO); the golden
+    batch's responses have [3, 3] chosen and [3, 2] rejected tokens."""
+    _, stats = stats_for(torch.float64)
+    chosen = torch.tensor(IPO_CDPO["logratios_chosen"], dtype=torch.float64) / torch.tensor([3.0, 3.0])
+    rejected = torch.tensor(IPO_CDPO["logratios_rejected"], dtype=torch.float64) / torch.tensor([3.0, 2.0])
+    out = IPO(beta=0.1, average_log_ratios=True)(stats)
+    close(out.losses, ((chosen - rejected - 5.0) ** 2).tolist(), torch.float64)
+    close(out.chosen_rewards, (0.1 * chosen).tolist(), torch.float64)
+    close(out.rejected_rewards, (0.1 * rejected).tolist(), torch.float64)
+    summed = IPO(beta=0.1)(stats).losses
+    assert not torch.allclose(out.losses, summed)
+    # the config's knob reaches the objective; summed log-ratios are the default
+    from helpers import compose_config
+    from hydra.utils import instantiate
+
+    assert not instantiate(compose_config(["algo=ipo"]).algo.objective).average_log_ratios
+    assert instantiate(compose_config(["algo=ipo", "algo.average_log_ratios=true"]).algo.objective).average_log_ratios
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -199,6 +244,33 @@ def test_precomputed_reference_logps_give_the_same_dpo_loss():
     live = sequence_stats(policy, labels, reference)
     cached = sequence_stats(policy, labels, ref_logps=live.ref_logps.detach())
     assert torch.allclose(DPO(0.1)(live).losses, DPO(0.1)(cached).losses)
+
+
+def test_output_head_runs_in_float32_under_bf16_autocast():
+    """The head matmul of the token-level terms leaves autocast: under CPU bf16 autocast the chunked sums equal
+    the float32 ones, where bf16 logits (what the head gives under autocast) move the KL and the risk ratio."""
+    g = torch.Generator().manual_seed(7)
+    n, length, width, vocab = 4, 24, 32, 3000
+    heads = []
+    for _ in range(2):
+        head = torch.nn.Linear(width, vocab, bias=False)
+        with torch.no_grad():
+            head.weight.copy_(torch.randn(vocab, width, generator=g) * 0.6)
+        heads.append(head)
+    hidden, ref_hidden = (torch.randn(n, length, width, generator=g) for _ in range(2))
+    labels = torch.randint(0, vocab, (n, length), generator=g)
+    labels[:, :6] = -100
+    risk = CVaR(0.5, "weighted").over_vocab
+    kw = dict(vocab_terms=True, vocab_risk=risk, chunk_size=8)
+    exact = sequence_stats(hidden, labels, ref_hidden, policy_head=heads[0], ref_head=heads[1], **kw)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = sequence_stats(hidden, labels, ref_hidden, policy_head=heads[0], ref_head=heads[1], **kw)
+        bf16_logits = heads[0](hidden), heads[1](ref_hidden)
+    assert bf16_logits[0].dtype == torch.bfloat16
+    naive = sequence_stats(bf16_logits[0], labels, bf16_logits[1], **kw)
+    for name in ("logratios", "seq_kl", "seq_risk"):
+        torch.testing.assert_close(getattr(autocast, name), getattr(exact, name), atol=1e-6, rtol=1e-6)
+        assert (getattr(naive, name) - getattr(exact, name)).abs().max() > 1e-2, name
 
 
 def test_pure_losses_by_hand():

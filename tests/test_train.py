@@ -1,6 +1,7 @@
 """End-to-end training through `run(cfg)` and the PreferenceModule's contracts with its frozen reference."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -49,7 +50,7 @@ def test_finished_run_is_skipped_and_rerun_archives(smoke_cfg, tmp_path):
 
 
 def test_checkpoint_holds_policy_only_and_reference_stays_frozen(smoke_cfg, tmp_path):
-    cfg = smoke_cfg("algo=ra_dpo", "algo.variant=2", "trainer.enable_checkpointing=true", *FAST)
+    cfg = smoke_cfg("algo=ra_dpo", "algo.variant=2", *FAST)
     import lightning as L
 
     from riskexp.models import build_policy_and_reference
@@ -99,3 +100,41 @@ def test_precomputed_reference_logps_match_the_live_reference(smoke_cfg):
     live = module.sequence_stats({k: v for k, v in batch.items() if k != "ref_logps"}, vocab_terms=False)
     assert torch.allclose(cached.ref_logps, live.ref_logps, atol=1e-4)
     assert torch.allclose(module.objective(cached).losses, module.objective(live).losses, atol=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_precomputed_reference_gives_dpo_log2_at_the_first_step(smoke_cfg, precision):
+    """Policy == reference: the precomputed reference log-probs are made under the training step's precision
+    context, so every log-ratio of the first step is exactly 0 and the DPO loss is log 2, in both precisions.
+    (The trainer is built here: the config refuses bf16 on accelerator=cpu, where it is slow but correct.)"""
+    import lightning as L
+
+    from riskexp.models import build_policy_and_reference
+
+    cfg = smoke_cfg("algo=dpo", "algo.precompute_ref_logps=true", *FAST[1:3])
+    policy, reference, tokenizer = build_policy_and_reference(instantiate(cfg.model.loader, _partial_=True))
+    module = instantiate(cfg.algo.module)(policy=policy, reference=reference, objective=instantiate(cfg.algo.objective),
+                                          optimizer=instantiate(cfg.optimizer))
+    assert module.precompute_ref_logps
+    seen, losses = [], []
+    live = module.sequence_stats
+
+    def recorded(batch, vocab_terms):
+        stats = live(batch, vocab_terms)
+        seen.append(("ref_logps" in batch, stats.logratios.detach().clone()))
+        return stats
+
+    module.sequence_stats = recorded
+
+    class FirstLoss(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(outputs["loss"].item())
+
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", precision=precision, logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0,
+                        num_sanity_val_steps=0, callbacks=[FirstLoss()])
+    trainer.fit(module, datamodule=instantiate(cfg.data, tokenizer=tokenizer))
+    (cached, logratios), = seen
+    assert cached, "the training batch carries the precomputed reference log-probs"
+    assert torch.equal(logratios, torch.zeros_like(logratios)), logratios
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-7)

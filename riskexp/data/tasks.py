@@ -1,16 +1,17 @@
 """Prompts and held-out texts of the generation tasks (`data=sentiment`, `data=toxicity`).
 
 The embedded tasks read prompt files shipped in `riskexp/data/prompts/`; the loaders for the papers' datasets
-(IMDb, RealToxicityPrompts) read the hub by name for users with a network, or local files of the same schema.
+(IMDb, RealToxicityPrompts) read the hub by name for users with a network, or local files (or directories of
+`<split>*` files) of the same schema, through `riskexp.data.tables.read_split`.
 """
 
 from __future__ import annotations
 
 import re
 from itertools import zip_longest
-from pathlib import Path
 
 from riskexp.assets import load_prompt_file
+from riskexp.data.tables import read_split
 
 SPLITS = ("all", "train", "eval")
 
@@ -42,24 +43,6 @@ def load_texts(file: str, key: str = "text", limit: int | None = None) -> list[s
     return [row[key] for row in load_prompt_file(file)][:limit]
 
 
-def _read_table(name_or_path: str, split: str):
-    """Rows of a local JSONL / Parquet file (or a directory holding `<split>*.jsonl|parquet`), else the hub."""
-    import datasets
-
-    path = Path(name_or_path)
-    if path.is_dir():
-        files = sorted(p for p in path.rglob(f"{split}*") if p.suffix in (".jsonl", ".json", ".parquet", ".gz"))
-        if not files:
-            raise FileNotFoundError(f"no {split}*.jsonl / .parquet files under {path}")
-        path_files = [str(p) for p in files]
-    elif path.exists():
-        path_files = [str(path)]
-    else:
-        return datasets.load_dataset(name_or_path, split=split)
-    kind = "parquet" if path_files[0].endswith(".parquet") else "json"
-    return datasets.load_dataset(kind, data_files=path_files, split="train")
-
-
 def review_prefix(text: str, prefix_words: int) -> str:
     """The opening words of an IMDb review, HTML line breaks removed."""
     words = re.sub(r"<br\s*/?>", " ", text).split()
@@ -69,7 +52,7 @@ def review_prefix(text: str, prefix_words: int) -> str:
 def load_imdb_prefixes(name_or_path: str = "stanfordnlp/imdb", split: str = "test", prefix_words: int = 8,
                        limit: int | None = None) -> list[str]:
     """IMDb continuation prompts: the first `prefix_words` words of each review (`text`, `label` schema)."""
-    rows = _read_table(name_or_path, split)
+    rows, _ = read_split(name_or_path, split, columns=("text",))
     prompts = [review_prefix(row["text"], prefix_words) for row in rows]
     return [p for p in prompts if p][:limit]
 
@@ -78,6 +61,6 @@ def load_real_toxicity_prompts(name_or_path: str = "allenai/real-toxicity-prompt
                                challenging_only: bool = True, limit: int | None = None) -> list[str]:
     """RealToxicityPrompts (`prompt: {text, toxicity, ...}`, `challenging` schema); by default the challenging
     subset the papers evaluate on."""
-    rows = _read_table(name_or_path, split)
+    rows, _ = read_split(name_or_path, split, columns=("prompt",))
     prompts = [row["prompt"]["text"] for row in rows if row.get("challenging") or not challenging_only]
     return prompts[:limit]
