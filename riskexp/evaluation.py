@@ -1,21 +1,33 @@
-"""Evaluating a policy on prompts: reward and cost tails, KL to the reference, diversity, perplexity.
+"""Evaluating a policy on prompts: reward and cost tails, KL to the reference, changes against the reference
+with paired bootstrap intervals, diversity, perplexity.
 
 All metrics are flat `{prefix}/{name}` floats so they can be logged and written to results.json as they are.
 Reward tails are lower tails (bad = low reward), cost tails upper tails (bad = high cost); `alpha` is the tail
-mass, and the first configured alpha is the headline `*_cvar` / `*_var`.
+mass. The headline `*_cvar` / `*_var` are at `alpha` (`eval.alpha`), and `*_cvar@a` / `*_var@a` at every level.
+
+Each prompt gets K sampled completions (`samples_per_prompt`), so the tails are estimated on K x N samples.
+Every sample-based metric `m` (reward and cost mean / VaR / CVaR, cost rate, KL) comes with `m/lo`, `m/hi`: a
+percentile bootstrap interval that resamples *prompts* with replacement (a prompt's K completions move
+together, so their correlation is not mistaken for independent evidence). `compare` adds the policy's change
+against the reference, `eval/delta/<metric>` with its interval from a *paired* bootstrap: the same resampled
+prompts for both models, so the prompt-to-prompt variation they share cancels out of the change.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from riskexp.generation import completion_logps, generate, pad_token_id, perplexity
 from riskexp.risk import check_alpha, cvar_lower, cvar_upper, var_lower, var_upper
 
 Scorer = Callable[[list[str], list[str]], torch.Tensor]
+# statistics of one or more aligned sample sets, each (..., M) -> named values (...)
+Statistic = Callable[..., dict[str, Tensor]]
 
 _TAILS = {"lower": (var_lower, cvar_lower), "upper": (var_upper, cvar_upper)}
 
@@ -30,25 +42,71 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
-def tail_metrics(values: torch.Tensor, alphas: Sequence[float], prefix: str, tail: str) -> dict[str, float]:
-    """`{prefix}_mean`, `{prefix}_var@{alpha}`, `{prefix}_cvar@{alpha}` per alpha, and the headline
-    `{prefix}_var` / `{prefix}_cvar` at the first alpha. tail="lower" for rewards, "upper" for costs."""
+def tail_levels(alpha: float, alphas: Sequence[float] = ()) -> list[float]:
+    """The headline level followed by the other levels, each checked and listed once."""
+    levels = [check_alpha(alpha, "eval.alpha")]
+    for level in alphas:
+        level = check_alpha(level, "eval.alphas")
+        if not any(abs(level - seen) < 1e-12 for seen in levels):
+            levels.append(level)
+    return levels
+
+
+def tail_statistics(values: Tensor, levels: Sequence[float], tail: str) -> dict[str, Tensor]:
+    """`mean`, headline `var` / `cvar` at levels[0], and `var@a` / `cvar@a` at every level, of each row.
+    (M,) -> dict of (), or (R, M) -> dict of (R,). tail="lower" for rewards, "upper" for costs."""
     if tail not in _TAILS:
         raise ValueError(f"tail={tail!r} is not a tail; accepted: 'lower' (rewards), 'upper' (costs)")
-    if not alphas:
-        raise ValueError("tail_metrics needs at least one alpha")
-    if values.numel() == 0:
-        raise ValueError(f"{prefix}: no values to summarise")
+    if not levels:
+        raise ValueError("tail_statistics needs at least one level")
     var, cvar = _TAILS[tail]
-    x = values.detach().double().flatten().cpu()
-    out = {f"{prefix}_mean": x.mean().item()}
-    for i, alpha in enumerate(alphas):
-        alpha = check_alpha(alpha)
-        v, c = var(x, alpha).item(), cvar(x, alpha).item()
+    out = {"mean": values.mean(-1)}
+    for i, alpha in enumerate(levels):
+        v, c = var(values, alpha), cvar(values, alpha)
         if i == 0:
-            out[f"{prefix}_var"], out[f"{prefix}_cvar"] = v, c
-        out[f"{prefix}_var@{alpha:g}"], out[f"{prefix}_cvar@{alpha:g}"] = v, c
+            out["var"], out["cvar"] = v, c
+        out[f"var@{alpha:g}"], out[f"cvar@{alpha:g}"] = v, c
     return out
+
+
+def resample_prompts(n_prompts: int, n_resamples: int, seed: int) -> Tensor:
+    """(R, N) prompt indices drawn with replacement, from a generator of its own seeded by `seed`."""
+    if not isinstance(n_resamples, int) or n_resamples < 1:
+        raise ValueError(f"eval.bootstrap_samples={n_resamples!r} is not accepted: an integer >= 1")
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(n_prompts, (n_resamples, n_prompts), generator=generator)
+
+
+def bootstrap(statistic: Statistic, samples: Sequence[Tensor], index: Tensor, confidence: float = 0.95
+              ) -> dict[str, float]:
+    """Point values of `statistic` and their percentile bootstrap intervals, as `{name, name/lo, name/hi}`.
+
+    `samples` are aligned (N prompts, K samples each) tensors; `statistic` takes them flattened to (M,) (the
+    point value) and, in one vectorised call, resampled to (R, M) by the prompt indices `index` (R, N): each
+    resample takes whole prompts, and every sample set the same prompts (a paired bootstrap when there are two).
+    The interval is [q_{(1-c)/2}, q_{(1+c)/2}] of the R resampled values (linear interpolation); a percentile
+    interval need not contain the point value when the statistic is biased in small samples.
+    """
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"eval.confidence={confidence!r} is not accepted: a probability in (0, 1)")
+    point = statistic(*(s.double().reshape(-1) for s in samples))
+    resampled = statistic(*(s.double()[index].flatten(1) for s in samples))
+    q = torch.tensor([(1.0 - confidence) / 2, (1.0 + confidence) / 2], dtype=torch.float64)
+    out = {}
+    for name, value in point.items():
+        lo, hi = torch.quantile(resampled[name], q).tolist()
+        out[name], out[f"{name}/lo"], out[f"{name}/hi"] = value.item(), lo, hi
+    return out
+
+
+def paired_change(statistic: Statistic) -> Statistic:
+    """statistic(policy) - statistic(reference), name by name, for a paired `bootstrap`."""
+
+    def change(policy: Tensor, reference: Tensor) -> dict[str, Tensor]:
+        new, old = statistic(policy), statistic(reference)
+        return {name: new[name] - old[name] for name in new}
+
+    return change
 
 
 def score_with(scorer: Scorer, prompts: list[str], completions: list[str], what: str) -> torch.Tensor:
@@ -59,7 +117,47 @@ def score_with(scorer: Scorer, prompts: list[str], completions: list[str], what:
     return s
 
 
-def evaluate_model(
+@dataclass
+class Draws:
+    """Per-completion values of one model's samples, each (N prompts, K samples per prompt)."""
+
+    reward: Tensor
+    cost: Tensor | None
+    log_ratio: Tensor  # log pi_model - log pi_reference of each completion (0 without a distinct reference)
+
+
+def _statistics(levels: Sequence[float], cost_threshold: float) -> dict[str, Statistic]:
+    """The bootstrapped statistics of each kind of draw, named as in the metrics."""
+
+    def cost(values: Tensor) -> dict[str, Tensor]:
+        return {**tail_statistics(values, levels, "upper"), "rate": (values > cost_threshold).double().mean(-1)}
+
+    return {
+        "reward": lambda values: tail_statistics(values, levels, "lower"),
+        "cost": cost,
+        "log_ratio": lambda values: {"kl": values.mean(-1)},  # on the model's own samples: KL(model || reference)
+    }
+
+
+_STEMS = {"reward": "reward_", "cost": "cost_", "log_ratio": ""}
+
+
+def _named(prefix: str, kind: str, values: dict[str, float]) -> dict[str, float]:
+    """`{prefix}/reward_mean`, `{prefix}/cost_rate/lo`, `{prefix}/kl`, ..."""
+    return {f"{prefix}/{_STEMS[kind]}{name}": value for name, value in values.items()}
+
+
+def _summarise(draws: Draws, statistics: dict[str, Statistic], index: Tensor, confidence: float, prefix: str
+               ) -> dict[str, float]:
+    out = {}
+    for kind, statistic in statistics.items():
+        values = getattr(draws, kind)
+        if values is not None:
+            out |= _named(prefix, kind, bootstrap(statistic, [values], index, confidence))
+    return out
+
+
+def sample_and_score(
     model,
     reference,
     tokenizer,
@@ -67,43 +165,42 @@ def evaluate_model(
     *,
     reward: Scorer,
     cost: Scorer | None = None,
-    alphas: Sequence[float] = (0.1,),
-    cost_threshold: float = 0.5,
+    samples_per_prompt: int = 1,
     heldout_texts: Sequence[str] | None = None,
     max_new_tokens: int = 48,
     temperature: float = 1.0,
     top_p: float = 1.0,
     batch_size: int = 32,
     seed: int = 0,
-    chat: bool = False,
+    prompt_format: str = "plain",
     prefix: str = "eval",
-) -> tuple[dict[str, float], list[dict]]:
-    """Sample one completion per prompt from `model` and summarise it.
+) -> tuple[dict[str, float], list[dict], Draws]:
+    """Sample `samples_per_prompt` completions per prompt from `model`, score them, and describe them.
 
-    Returns (metrics, rows): metrics `{prefix}/reward_mean|var|cvar|var@a|cvar@a`, the same for `cost` plus
-    `{prefix}/cost_rate` (share of costs > cost_threshold) when a cost scorer is given, `{prefix}/kl` (mean of
-    log pi_model - log pi_reference over the model's own samples; 0 when the reference is None or the model
-    itself), `{prefix}/distinct_1|2`, `{prefix}/length_mean` (new tokens), `{prefix}/perplexity` on
-    `heldout_texts` when given; rows `{"prompt", "completion", "reward", "cost"}` (cost None without a scorer).
+    Returns (metrics, rows, draws): metrics `{prefix}/distinct_1|2`, `{prefix}/length_mean` (new tokens),
+    `{prefix}/perplexity` on `heldout_texts` when given; rows `{"prompt", "completion", "reward", "cost"}`, K per
+    prompt in the prompts' order (cost None without a scorer); draws the per-completion reward, cost and
+    log pi_model - log pi_reference (zero when the reference is None or the model itself) as (N, K).
     """
     prompts = list(prompts)
     if not prompts:
-        raise ValueError("evaluate_model needs at least one prompt")
+        raise ValueError("evaluation needs at least one prompt")
+    k = samples_per_prompt
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"eval.samples_per_prompt={k!r} is not accepted: an integer >= 1")
+    # one batched call over the prompts repeated k times (as riskexp.data.build): copies of a prompt share a
+    # length, so they share batches; sample j*k + i is prompt j's i-th completion
+    repeated = [p for p in prompts for _ in range(k)]
     samples = generate(
-        model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-        batch_size=batch_size, seed=seed, chat=chat,
+        model, tokenizer, repeated, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+        batch_size=batch_size, seed=seed, prompt_format=prompt_format,
     )
     completions = samples.texts
-    rewards = score_with(reward, prompts, completions, "reward")
-    metrics = tail_metrics(rewards, alphas, f"{prefix}/reward", "lower")
-    costs = None
-    if cost is not None:
-        costs = score_with(cost, prompts, completions, "cost")
-        metrics.update(tail_metrics(costs, alphas, f"{prefix}/cost", "upper"))
-        metrics[f"{prefix}/cost_rate"] = (costs > cost_threshold).float().mean().item()
+    rewards = score_with(reward, repeated, completions, "reward")
+    costs = score_with(cost, repeated, completions, "cost") if cost is not None else None
 
     if reference is None or reference is model:
-        metrics[f"{prefix}/kl"] = 0.0
+        log_ratio = torch.zeros(len(repeated))
     else:
         if temperature != 1.0 or top_p != 1.0:
             log.warning("eval/kl is estimated on samples at temperature=%s, top_p=%s: it is then not the KL of "
@@ -111,33 +208,90 @@ def evaluate_model(
         scored = {"pad_id": pad_token_id(tokenizer), "batch_size": batch_size}
         logp = completion_logps(model, samples.prompt_ids, samples.token_ids, **scored)
         ref_logp = completion_logps(reference, samples.prompt_ids, samples.token_ids, **scored)
-        metrics[f"{prefix}/kl"] = (logp - ref_logp).double().mean().item()
+        log_ratio = logp - ref_logp
 
-    metrics[f"{prefix}/distinct_1"] = distinct_n(completions, 1)
-    metrics[f"{prefix}/distinct_2"] = distinct_n(completions, 2)
-    metrics[f"{prefix}/length_mean"] = sum(samples.lengths) / len(prompts)
+    metrics = {
+        f"{prefix}/distinct_1": distinct_n(completions, 1),
+        f"{prefix}/distinct_2": distinct_n(completions, 2),
+        f"{prefix}/length_mean": sum(samples.lengths) / len(repeated),
+    }
     if heldout_texts:
         metrics[f"{prefix}/perplexity"] = perplexity(model, tokenizer, heldout_texts, batch_size=batch_size)
-
     rows = [
         {"prompt": p, "completion": c, "reward": rewards[i].item(), "cost": None if costs is None else costs[i].item()}
-        for i, (p, c) in enumerate(zip(prompts, completions))
+        for i, (p, c) in enumerate(zip(repeated, completions))
     ]
-    return metrics, rows
+    draws = Draws(rewards.view(-1, k), None if costs is None else costs.view(-1, k), log_ratio.view(-1, k))
+    return metrics, rows, draws
 
 
-def compare(policy, reference, tokenizer, prompts: Sequence[str], **kwargs) -> tuple[dict[str, float], list[dict]]:
+def evaluate_model(
+    model,
+    reference,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    alpha: float = 0.1,
+    alphas: Sequence[float] = (),
+    cost_threshold: float = 0.5,
+    bootstrap_samples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    prefix: str = "eval",
+    **sampling,
+) -> tuple[dict[str, float], list[dict]]:
+    """Sample and score `model` (`sampling`: the keyword arguments of `sample_and_score`, `reward` among them)
+    and summarise its completions.
+
+    Returns (metrics, rows): `sample_and_score`'s, and `{prefix}/reward_mean|var|cvar` (headline level
+    `alpha`) with `reward_var@a|cvar@a` for `alpha` and each of `alphas`, the same for the cost plus
+    `{prefix}/cost_rate` (share of costs > cost_threshold) when a cost scorer is given, and `{prefix}/kl` (mean
+    log pi_model - log pi_reference over the model's own samples), each with its bootstrap interval `/lo`,
+    `/hi` (`bootstrap_samples` prompt resamples seeded by `seed`, at `confidence`).
+    """
+    metrics, rows, draws = sample_and_score(model, reference, tokenizer, prompts, seed=seed, prefix=prefix, **sampling)
+    statistics = _statistics(tail_levels(alpha, alphas), cost_threshold)
+    index = resample_prompts(draws.reward.shape[0], bootstrap_samples, seed)
+    return _summarise(draws, statistics, index, confidence, prefix) | metrics, rows
+
+
+def compare(
+    policy,
+    reference,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    alpha: float = 0.1,
+    alphas: Sequence[float] = (),
+    cost_threshold: float = 0.5,
+    bootstrap_samples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    **sampling,
+) -> tuple[dict[str, float], list[dict]]:
     """`evaluate_model` of the reference (prefix `ref_eval`, KL 0) and of the policy (prefix `eval`, KL to the
-    reference) on the same prompts and seed. Returns the merged metrics and the policy's rows, each with the
-    reference's completion side by side (`ref_completion`, `ref_reward`, `ref_cost`)."""
+    reference) on the same prompts and seed, and the policy's change `eval/delta/<metric>` (policy minus
+    reference) of every reward and cost metric, with its interval from a paired bootstrap (the same resampled
+    prompts for both models). Returns the merged metrics and the policy's rows, each with the reference's
+    completion side by side (`ref_completion`, `ref_reward`, `ref_cost`)."""
     if reference is None:
         raise ValueError("compare needs a reference model")
-    kwargs.pop("prefix", None)
-    ref_metrics, ref_rows = evaluate_model(reference, reference, tokenizer, prompts, prefix="ref_eval", **kwargs)
-    metrics, rows = evaluate_model(policy, reference, tokenizer, prompts, prefix="eval", **kwargs)
+    statistics = _statistics(tail_levels(alpha, alphas), cost_threshold)
+    ref_metrics, ref_rows, ref_draws = sample_and_score(reference, reference, tokenizer, prompts, seed=seed,
+                                                        prefix="ref_eval", **sampling)
+    metrics, rows, draws = sample_and_score(policy, reference, tokenizer, prompts, seed=seed, prefix="eval",
+                                            **sampling)
+    index = resample_prompts(draws.reward.shape[0], bootstrap_samples, seed)
+    out = _summarise(ref_draws, statistics, index, confidence, "ref_eval") | ref_metrics
+    out |= _summarise(draws, statistics, index, confidence, "eval") | metrics
+    for kind in ("reward", "cost"):
+        new, old = getattr(draws, kind), getattr(ref_draws, kind)
+        if new is not None:
+            change = bootstrap(paired_change(statistics[kind]), [new, old], index, confidence)
+            out |= _named("eval/delta", kind, change)
     for row, ref in zip(rows, ref_rows):
         row.update({"ref_completion": ref["completion"], "ref_reward": ref["reward"], "ref_cost": ref["cost"]})
-    return {**ref_metrics, **metrics}, rows
+    return out, rows
 
 
 # (label, metric name under ref_eval/ and eval/)
@@ -157,25 +311,40 @@ _TABLE = [
 _ACCURACIES = [("implicit accuracy", "val/implicit_accuracy"), ("reward accuracy", "val/reward_accuracy")]
 
 
-def _fmt(value) -> str:
+def _fmt(value: float, digits: int = 4, sign: str = "") -> str:
+    value = float(value)
+    return f"{value:{sign}.1f}" if abs(value) >= 1000 else f"{value:{sign}.{digits}g}"
+
+
+def _cell(metrics: dict, key: str, sign: str = "") -> str:
+    """`0.2381 [0.191, 0.287]`: the value and its interval when it has one; `-` when absent."""
+    value = metrics.get(key)
     if value is None:
         return "-"
-    value = float(value)
-    return f"{value:.1f}" if abs(value) >= 1000 else f"{value:.4f}"
+    lo, hi = metrics.get(f"{key}/lo"), metrics.get(f"{key}/hi")
+    if lo is None or hi is None:
+        return _fmt(value, sign=sign)
+    return f"{_fmt(value, sign=sign)} [{_fmt(lo, 3, sign)}, {_fmt(hi, 3, sign)}]"
 
 
 def format_comparison(metrics: dict) -> str:
-    """A plain-text table: metric | reference | trained | change, for the metrics present in `metrics`."""
+    """A plain-text table: metric | reference | trained | change, for the metrics present in `metrics`, with
+    bootstrap intervals in brackets; the change's is the paired one (`eval/delta/...`) where there is one."""
     rows = []
     for label, name in _TABLE:
-        ref, new = metrics.get(f"ref_eval/{name}"), metrics.get(f"eval/{name}")
-        if ref is None and new is None:
+        ref_key, new_key = f"ref_eval/{name}", f"eval/{name}"
+        if ref_key not in metrics and new_key not in metrics:
             continue
-        change = f"{float(new) - float(ref):+.4f}" if ref is not None and new is not None else "-"
-        rows.append((label, _fmt(ref), _fmt(new), change))
+        if f"eval/delta/{name}" in metrics:
+            change = _cell(metrics, f"eval/delta/{name}", "+")
+        elif ref_key in metrics and new_key in metrics:
+            change = _fmt(float(metrics[new_key]) - float(metrics[ref_key]), sign="+")
+        else:
+            change = "-"
+        rows.append((label, _cell(metrics, ref_key), _cell(metrics, new_key), change))
     for label, key in _ACCURACIES:
         if key in metrics:
-            rows.append((label, "-", _fmt(metrics[key]), "-"))
+            rows.append((label, "-", _cell(metrics, key), "-"))
     header = ("metric", "reference", "trained", "change")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
 

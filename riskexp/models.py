@@ -103,12 +103,15 @@ def smollm2(source: str = "package", dtype: str = "float32", max_length: int = 8
 
 
 def build_policy_and_reference(loader, path: str | None = None, ref_path: str | None = None,
-                               dtype: str = "float32", need_reference: bool = True):
-    """The trainable policy, its frozen reference and the tokenizer.
+                               dtype: str = "float32", need_reference: bool = True, reference_is_base: bool = False):
+    """The policy, its frozen reference and the tokenizer: the one way training, evaluation
+    (`riskexp.eval`) and pair building (`riskexp.data.build`) get their models from `model.*`.
 
-    `loader()` gives the base model. `path` starts the policy from an exported run (`<run>/policy`, e.g. an
-    SFT step); `ref_path` takes the reference from another exported run (RSA/SACPO step 2 uses the step-1
-    policy); by default the reference is a frozen copy of the initial policy.
+    `loader()` gives the base model. `path` takes the policy from an exported run (`<run>/policy`, e.g. an
+    SFT step), with that run's tokenizer; `ref_path` takes the reference from another exported run (RSA/SACPO
+    step 2 uses the step-1 policy). Otherwise the reference is a frozen copy of the initial policy (training),
+    or with `reference_is_base` the base model itself (evaluating an exported policy against the model it
+    started from; without `path` the policy *is* the base model and the reference is that same object).
     """
     if path:
         policy, tokenizer = from_pretrained(_existing(path, "model.path"), dtype=dtype)
@@ -118,10 +121,17 @@ def build_policy_and_reference(loader, path: str | None = None, ref_path: str | 
     if need_reference:
         if ref_path:
             reference, _ = from_pretrained(_existing(ref_path, "model.ref_path"), dtype=dtype)
+        elif reference_is_base:
+            reference = loader()[0] if path else policy
         else:
             reference = copy.deepcopy(policy)
         reference.requires_grad_(False).eval()
     return policy, reference, tokenizer
+
+
+def inference_device() -> torch.device:
+    """Where sampling and scoring outside a Lightning trainer run: the (first) GPU when there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _existing(path: str, key: str) -> str:

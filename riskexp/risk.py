@@ -10,7 +10,8 @@ Two roles, one family of measures:
   function takes `d` and `ref_logp` (log p_ref) of shape (..., V) and reduces the last axis to (...,).
   Log-probabilities, not probabilities, come in so that p log p never meets 0 * (-inf).
 * **Across samples** (rewards, returns, costs, evaluation tails): the *lower* tail of rewards and the
-  *upper* tail of costs. These take a 1-D tensor (N,) and return a scalar.
+  *upper* tail of costs. These take a 1-D tensor (N,) and return a scalar; VaR and CVaR also reduce the
+  last axis of a batch (..., N) -> (...), so bootstrap resamples are summarised in one call.
 """
 
 from __future__ import annotations
@@ -89,26 +90,28 @@ def _tail_count(alpha: float, n: int) -> int:
 
 
 def var_lower(x: Tensor, alpha: float) -> Tensor:
-    """Lower-tail value at risk: x_(ceil(alpha N)) of the ascending order statistics. (N,) -> ()."""
-    return x.sort().values[_tail_count(alpha, x.numel()) - 1]
+    """Lower-tail value at risk: x_(ceil(alpha N)) of the ascending order statistics of each row.
+    (N,) -> (), or (..., N) -> (...) (e.g. bootstrap resamples)."""
+    return x.sort(dim=-1).values[..., _tail_count(alpha, x.shape[-1]) - 1]
 
 
 def cvar_lower(x: Tensor, alpha: float) -> Tensor:
-    """Lower-tail CVaR: mean of the worst alpha-fraction, fractional weight on the boundary atom. (N,) -> ()."""
-    n = x.numel()
-    x_sorted = x.sort().values
+    """Lower-tail CVaR: mean of the worst alpha-fraction of each row, fractional weight on the boundary atom.
+    (N,) -> (), or (..., N) -> (...)."""
+    n = x.shape[-1]
+    x_sorted = x.sort(dim=-1).values
     rank = torch.arange(n, dtype=x.dtype, device=x.device)
     weight = (alpha * n - rank).clamp(0.0, 1.0)
-    return (weight * x_sorted).sum() / (alpha * n)
+    return (weight * x_sorted).sum(-1) / (alpha * n)
 
 
 def var_upper(x: Tensor, alpha: float) -> Tensor:
-    """Upper-tail value at risk (for costs and losses). (N,) -> ()."""
+    """Upper-tail value at risk (for costs and losses). (..., N) -> (...)."""
     return -var_lower(-x, alpha)
 
 
 def cvar_upper(x: Tensor, alpha: float) -> Tensor:
-    """Upper-tail CVaR: mean of the largest alpha-fraction (for costs and losses). (N,) -> ()."""
+    """Upper-tail CVaR: mean of the largest alpha-fraction (for costs and losses). (..., N) -> (...)."""
     return -cvar_lower(-x, alpha)
 
 

@@ -1,12 +1,26 @@
 import copy
+from statistics import NormalDist
 
 import pytest
 import torch
+from hydra.utils import instantiate
 
 from riskexp.data.build import build_pairs
-from riskexp.evaluation import compare, distinct_n, evaluate_model, format_comparison, tail_metrics
+from riskexp.evaluation import (
+    bootstrap,
+    compare,
+    distinct_n,
+    evaluate_model,
+    format_comparison,
+    paired_change,
+    resample_prompts,
+    tail_levels,
+    tail_statistics,
+)
 from riskexp.files import read_jsonl, write_jsonl
 from riskexp.models import tiny_llama
+from riskexp.risk import cvar_lower
+from riskexp.run import evaluate_task
 
 PROMPTS = ["The movie was", "I think that", "A long, long opening line about a film, and then", "Honestly,"]
 GEN = {"max_new_tokens": 6, "batch_size": 4}
@@ -43,56 +57,183 @@ def test_distinct_n():
     assert distinct_n(["one", ""], 2) == 0.0 and distinct_n([], 1) == 0.0
 
 
-def test_tail_metrics_known_values():
-    x = torch.arange(1, 11, dtype=torch.float32)
-    low = tail_metrics(x, [0.2, 0.5], "r", "lower")
-    assert low["r_mean"] == pytest.approx(5.5)
-    assert low["r_cvar@0.2"] == pytest.approx(1.5) and low["r_var@0.2"] == pytest.approx(2.0)
-    assert low["r_cvar@0.5"] == pytest.approx(3.0)
-    assert low["r_cvar"] == low["r_cvar@0.2"] and low["r_var"] == low["r_var@0.2"]  # headline = first alpha
-    up = tail_metrics(x, [0.2], "c", "upper")
-    assert up["c_cvar"] == pytest.approx(9.5) and up["c_var"] == pytest.approx(9.0)
+# every sample-based metric carries a bootstrap interval
+INTERVALLED = ("reward_mean", "reward_var", "reward_cvar", "cost_mean", "cost_var", "cost_cvar", "cost_rate", "kl")
+
+
+def assert_intervals(metrics, prefix, names):
+    for name in names:
+        key = f"{prefix}/{name}"
+        assert metrics[f"{key}/lo"] <= metrics[key] <= metrics[f"{key}/hi"], key
+
+
+def test_tail_statistics_known_values():
+    x = torch.arange(1, 11, dtype=torch.float64)
+    low = tail_statistics(x, [0.2, 0.5], "lower")
+    assert low["mean"] == pytest.approx(5.5)
+    assert low["cvar@0.2"] == pytest.approx(1.5) and low["var@0.2"] == pytest.approx(2.0)
+    assert low["cvar@0.5"] == pytest.approx(3.0)
+    assert low["cvar"] == low["cvar@0.2"] and low["var"] == low["var@0.2"]  # headline = first level
+    up = tail_statistics(x, [0.2], "upper")
+    assert up["cvar"] == pytest.approx(9.5) and up["var"] == pytest.approx(9.0)
+    # rows of a batch are summarised one by one
+    batch = tail_statistics(torch.stack([x, x.flip(0), 2 * x]), [0.2], "lower")
+    assert batch["cvar"].tolist() == pytest.approx([1.5, 1.5, 3.0])
     with pytest.raises(ValueError):
-        tail_metrics(x, [0.2], "r", "middle")
-    with pytest.raises(ValueError):
-        tail_metrics(x, [1.5], "r", "lower")
+        tail_statistics(x, [0.2], "middle")
+
+
+def test_tail_levels_put_the_headline_first_once():
+    assert tail_levels(0.1, [0.05, 0.1, 0.25, 0.95]) == [0.1, 0.05, 0.25, 0.95]
+    assert tail_levels(0.1, [0.05, 0.1, 0.25, 0.1]) == [0.1, 0.05, 0.25]
+    with pytest.raises(ValueError, match="eval.alpha=1.5"):
+        tail_levels(1.5)
+    with pytest.raises(ValueError, match="eval.alphas=0"):
+        tail_levels(0.1, [0])
+
+
+def test_bootstrap_interval_covers_the_true_cvar_of_a_normal():
+    # lower CVaR of N(0, 1) at alpha: -phi(z_alpha) / alpha
+    alpha, n, draws = 0.1, 200, 200
+    normal = NormalDist()
+    true = -normal.pdf(normal.inv_cdf(alpha)) / alpha
+    # 200 independent data sets of n samples in one vectorised call: column d of (n, draws) is data set d, so
+    # the flattened (..., n * draws) samples unflatten to (..., n, draws); each gets its own CVaR and interval
+    x = torch.randn(n, draws, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    def cvar_of_each_data_set(values):
+        cvar = cvar_lower(values.unflatten(-1, (n, draws)).transpose(-1, -2), alpha)
+        return {str(d): cvar[..., d] for d in range(draws)}
+
+    out = bootstrap(cvar_of_each_data_set, [x], resample_prompts(n, 500, seed=0))
+    assert all(out[f"{d}/lo"] <= out[f"{d}/hi"] for d in range(draws))
+    covered = sum(out[f"{d}/lo"] <= true <= out[f"{d}/hi"] for d in range(draws))
+    assert 0.85 <= covered / draws <= 0.99
+
+
+def test_bootstrap_resamples_whole_prompts_and_is_seeded():
+    # two samples per prompt, equal within a prompt: resampling prompts keeps every pair together
+    x = torch.tensor([[0.0, 0.0], [1.0, 1.0], [5.0, 5.0]])
+    index = resample_prompts(3, 50, seed=1)
+    assert index.shape == (50, 3) and torch.equal(index, resample_prompts(3, 50, seed=1))
+    seen = []
+    out = bootstrap(lambda v: seen.append(v) or {"mean": v.mean(-1)}, [x], index)
+    resampled = seen[1]
+    assert resampled.shape == (50, 6) and torch.equal(resampled[:, 0::2], resampled[:, 1::2])
+    assert out["mean"] == pytest.approx(2.0) and 0.0 <= out["mean/lo"] <= out["mean/hi"] <= 5.0
+    with pytest.raises(ValueError, match="eval.confidence=1.5"):
+        bootstrap(lambda v: {"mean": v.mean(-1)}, [x], index, confidence=1.5)
+    with pytest.raises(ValueError, match="eval.bootstrap_samples=0"):
+        resample_prompts(3, 0, seed=1)
+
+
+def test_paired_change_covers_a_shift_and_pairing_narrows_it():
+    generator = torch.Generator().manual_seed(3)
+    reference = torch.randn(200, 2, dtype=torch.float64, generator=generator)
+    policy = reference + 0.3 + 0.2 * torch.randn(200, 2, dtype=torch.float64, generator=generator)
+    index = resample_prompts(200, 1000, seed=0)
+    stats = lambda v: tail_statistics(v, [0.1], "lower")  # noqa: E731
+    change = bootstrap(paired_change(stats), [policy, reference], index)
+    assert change["mean/lo"] < 0.3 < change["mean/hi"]
+    assert change["mean"] == pytest.approx(policy.mean().item() - reference.mean().item())
+    # unpaired, the prompts' shared variation would stay in the change: its interval is several times wider
+    alone = bootstrap(stats, [policy], index), bootstrap(stats, [reference], index)
+    unpaired = sum(a["mean/hi"] - a["mean/lo"] for a in alone)
+    assert change["mean/hi"] - change["mean/lo"] < unpaired / 3
+    # an exact shift moves every statistic, and every resample of it, by the shift
+    shifted = bootstrap(paired_change(stats), [reference + 0.5, reference], index)
+    for name in ("mean", "var", "cvar"):
+        assert shifted[name] == pytest.approx(0.5) and shifted[f"{name}/lo"] == pytest.approx(0.5)
+        assert shifted[f"{name}/hi"] == pytest.approx(0.5)
 
 
 def test_evaluate_model_self_reference(tiny):
     model, tok = tiny
     metrics, rows = evaluate_model(
-        model, model, tok, PROMPTS, reward=length_reward, cost=e_cost, alphas=(0.25, 0.5),
-        heldout_texts=["The movie was great fun."], **GEN,
+        model, model, tok, PROMPTS, reward=length_reward, cost=e_cost, alpha=0.25, alphas=(0.5,),
+        heldout_texts=["The movie was great fun."], bootstrap_samples=200, **GEN,
     )
     for key in ("reward_mean", "reward_cvar", "reward_var", "reward_cvar@0.25", "reward_var@0.5", "cost_mean",
                 "cost_cvar", "cost_rate", "kl", "distinct_1", "distinct_2", "perplexity", "length_mean"):
         assert f"eval/{key}" in metrics, key
-    assert metrics["eval/kl"] == 0.0
+    assert_intervals(metrics, "eval", [*INTERVALLED, "reward_cvar@0.5", "reward_var@0.25", "cost_cvar@0.5"])
+    assert metrics["eval/reward_cvar"] == metrics["eval/reward_cvar@0.25"]  # the headline is `alpha`
+    assert metrics["eval/kl"] == metrics["eval/kl/lo"] == metrics["eval/kl/hi"] == 0.0
     assert 0.0 <= metrics["eval/cost_rate"] <= 1.0
     assert 0.0 < metrics["eval/length_mean"] <= GEN["max_new_tokens"]
     assert [r["prompt"] for r in rows] == PROMPTS
     assert metrics["eval/reward_mean"] == pytest.approx(sum(len(r["completion"]) for r in rows) / len(rows))
     assert metrics["eval/reward_cvar"] <= metrics["eval/reward_var"] <= metrics["eval/reward_mean"]
     assert metrics["eval/cost_cvar"] >= metrics["eval/cost_mean"]
+    # the interval bounds are the bootstrap's own: reproducible, not a copy of the value
+    again, _ = evaluate_model(model, model, tok, PROMPTS, reward=length_reward, cost=e_cost, alpha=0.25,
+                              alphas=(0.5,), bootstrap_samples=200, **GEN)
+    assert again["eval/reward_mean/lo"] == metrics["eval/reward_mean/lo"]
+    assert metrics["eval/reward_mean/lo"] < metrics["eval/reward_mean/hi"]
     # no cost scorer: no cost keys, cost None in the rows; reference None means KL 0
     metrics, rows = evaluate_model(model, None, tok, PROMPTS, reward=length_reward, **GEN)
     assert not any("cost" in k for k in metrics) and rows[0]["cost"] is None and metrics["eval/kl"] == 0.0
 
 
+def test_samples_per_prompt_multiply_the_samples(tiny):
+    model, tok = tiny
+    metrics, rows = evaluate_model(model, None, tok, PROMPTS[:2], reward=length_reward, samples_per_prompt=3,
+                                   alpha=0.5, **GEN)
+    assert [r["prompt"] for r in rows] == [PROMPTS[0]] * 3 + [PROMPTS[1]] * 3
+    rewards = sorted(float(len(r["completion"])) for r in rows)
+    assert metrics["eval/reward_mean"] == pytest.approx(sum(rewards) / 6)
+    assert metrics["eval/reward_cvar"] == pytest.approx(sum(rewards[:3]) / 3)  # half of the 6 samples
+    with pytest.raises(ValueError, match="eval.samples_per_prompt=0"):
+        evaluate_model(model, None, tok, PROMPTS, reward=length_reward, samples_per_prompt=0, **GEN)
+
+
 def test_compare_and_format(tiny, other):
     ref, tok = tiny
-    metrics, rows = compare(other, ref, tok, PROMPTS, reward=length_reward, cost=e_cost, seed=3, **GEN)
+    metrics, rows = compare(other, ref, tok, PROMPTS, reward=length_reward, cost=e_cost, seed=3,
+                            bootstrap_samples=200, **GEN)
     assert metrics["ref_eval/kl"] == 0.0
     assert metrics["eval/kl"] != 0.0
     assert {k.split("/")[1] for k in metrics if k.startswith("ref_eval/")} == {
-        k.split("/")[1] for k in metrics if k.startswith("eval/")
+        k.split("/")[1] for k in metrics if k.startswith("eval/") and not k.startswith("eval/delta/")
     }
+    for prefix in ("eval", "ref_eval"):
+        assert_intervals(metrics, prefix, INTERVALLED)
+    for name in ("reward_mean", "reward_cvar", "reward_var", "reward_cvar@0.1", "cost_mean", "cost_cvar", "cost_rate"):
+        delta = metrics[f"eval/delta/{name}"]
+        assert delta == pytest.approx(metrics[f"eval/{name}"] - metrics[f"ref_eval/{name}"]), name
+        assert metrics[f"eval/delta/{name}/lo"] <= metrics[f"eval/delta/{name}/hi"], name
+    assert "eval/delta/kl" not in metrics
     assert set(rows[0]) >= {"prompt", "completion", "reward", "cost", "ref_completion", "ref_reward"}
     table = format_comparison({**metrics, "val/implicit_accuracy": 0.75})
     for text in ("metric", "reference", "trained", "reward mean", "reward CVaR", "cost rate", "KL", "distinct-2",
                  "implicit accuracy"):
         assert text in table
     assert "perplexity" not in table  # no heldout texts given
+    mean_row = next(line for line in table.splitlines() if line.startswith("reward mean"))
+    assert mean_row.count("[") == 3  # reference, trained and the paired change each with an interval
+
+
+def test_a_model_against_an_identical_copy_changes_nothing(tiny):
+    model, tok = tiny
+    metrics, _ = compare(model, copy.deepcopy(model), tok, PROMPTS[:2], reward=length_reward, cost=e_cost,
+                         bootstrap_samples=100, **GEN)
+    deltas = {k: v for k, v in metrics.items() if k.startswith("eval/delta/")}
+    assert len(deltas) == 3 * 2 * (1 + 2 * 2) + 3  # reward and cost: mean, var, cvar, @0.1; cost rate
+    assert all(v == 0.0 for v in deltas.values()), deltas
+    assert metrics["eval/kl"] == metrics["eval/kl/lo"] == metrics["eval/kl/hi"] == 0.0
+
+
+def test_evaluate_task_headline_is_eval_alpha_and_the_run_alpha_is_a_level(smoke_cfg):
+    cfg = smoke_cfg("data=sentiment", "alpha=0.95", "eval.alphas=[0.05,0.25]", "eval.num_prompts=3",
+                    "eval.samples_per_prompt=2", "eval.max_new_tokens=4", "eval.num_heldout_texts=2",
+                    "eval.bootstrap_samples=100")
+    model, tok = instantiate(cfg.model.loader)
+    metrics, rows = evaluate_task(cfg, model, model, tok)
+    assert len(rows) == 3 * 2
+    assert metrics["eval/reward_cvar"] == metrics["eval/reward_cvar@0.1"]  # eval.alpha, not the run's 0.95
+    for level in ("0.05", "0.25", "0.95"):
+        assert f"eval/reward_cvar@{level}" in metrics and f"eval/delta/reward_cvar@{level}/hi" in metrics
+    assert_intervals(metrics, "eval", ["reward_mean", "reward_cvar", "reward_cvar@0.95", "kl"])
 
 
 def test_build_pairs(tiny, tmp_path):

@@ -67,3 +67,32 @@ def test_bad_dtype_and_missing_path_are_named(smoke_cfg):
         torch_dtype("float8")
     with pytest.raises(FileNotFoundError, match="model.path='/nonexistent'"):
         build_policy_and_reference(lambda: None, path="/nonexistent")
+
+
+def test_inference_device_is_the_gpu_when_there_is_one(monkeypatch):
+    from riskexp.models import inference_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert inference_device() == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert inference_device() == torch.device("cpu")
+
+
+def test_evaluation_reference_is_the_base_model(tmp_path):
+    from riskexp.models import build_policy_and_reference, tiny_llama
+
+    exported = tmp_path / "policy"
+    model, tokenizer = tiny_llama(init_seed=1)
+    model.save_pretrained(exported)
+    tokenizer.save_pretrained(exported)
+    base = tiny_llama()[0].state_dict()
+    policy, reference, _ = build_policy_and_reference(tiny_llama, str(exported), reference_is_base=True)
+    first = "model.embed_tokens.weight"
+    assert torch.equal(policy.state_dict()[first], model.state_dict()[first])
+    assert torch.equal(reference.state_dict()[first], base[first]) and not reference.training
+    # training: the reference is a frozen copy of the initial (exported) policy
+    policy, reference, _ = build_policy_and_reference(tiny_llama, str(exported))
+    assert torch.equal(reference.state_dict()[first], model.state_dict()[first]) and reference is not policy
+    # evaluating the base model itself: one model, no copy
+    policy, reference, _ = build_policy_and_reference(tiny_llama, reference_is_base=True)
+    assert reference is policy

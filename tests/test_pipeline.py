@@ -22,16 +22,35 @@ def module_cli(module, *args, runs_dir):
                           timeout=600, env=env)
 
 
-def test_build_command_writes_scored_pairs(tmp_path):
+def test_build_command_writes_scored_pairs_sampled_from_model_path(smoke_cfg, tmp_path):
+    from riskexp.data.build import build_pairs
+    from riskexp.models import from_pretrained, tiny_llama
+
+    # an exported policy whose weights differ from the base tiny model's
+    exported = tmp_path / "policy"
+    model, tokenizer = tiny_llama(init_seed=1)
+    model.save_pretrained(exported)
+    tokenizer.save_pretrained(exported)
     out = tmp_path / "pairs.jsonl"
-    result = module_cli("riskexp.data.build", "data=sentiment", "model=tiny", "data.build.prompts.limit=6",
-                        "data.build.k=3", "data.build.max_new_tokens=6", f"data.build.out={out}", runs_dir=tmp_path)
+    build = ["data=sentiment", "model=tiny", "data.build.prompts.limit=6", "data.build.k=3",
+             "data.build.max_new_tokens=6"]
+    result = module_cli("riskexp.data.build", *build, f"model.path={exported}", f"data.build.out={out}",
+                        runs_dir=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert 1 <= len(records) <= 6
     for record in records:
         assert {"prompt", "chosen", "rejected", "chosen_score", "rejected_score"} <= record.keys()
         assert record["chosen_score"] > record["rejected_score"]
+
+    # the same pairs as sampling from the model in model.path, not from the base model
+    cfg = smoke_cfg(*build)
+    spec = cfg.data.build
+    settings = dict(k=spec.k, max_new_tokens=spec.max_new_tokens, batch_size=spec.batch_size, seed=cfg.seed,
+                    prompt_format=cfg.data.prompt_format)
+    prompts, reward = instantiate(spec.prompts), instantiate(cfg.data.task.reward)
+    assert build_pairs(from_pretrained(str(exported))[0], tokenizer, prompts, reward, **settings) == records
+    assert build_pairs(tiny_llama()[0], tokenizer, prompts, reward, **settings) != records
 
 
 def test_sft_then_preference_training_with_generation_eval(smoke_cfg, tmp_path):
@@ -49,6 +68,10 @@ def test_sft_then_preference_training_with_generation_eval(smoke_cfg, tmp_path):
     for prefix in ("eval", "ref_eval"):
         for metric in ("reward_mean", "reward_cvar", "reward_var", "kl", "distinct_1", "distinct_2", "perplexity"):
             assert f"{prefix}/{metric}" in saved, f"{prefix}/{metric}"
+        for metric in ("reward_mean", "reward_cvar", "reward_var", "kl"):
+            assert saved[f"{prefix}/{metric}/lo"] <= saved[f"{prefix}/{metric}/hi"], f"{prefix}/{metric}"
+    for metric in ("reward_mean", "reward_cvar", "reward_cvar@0.25"):  # the run's alpha is one of the levels
+        assert saved[f"eval/delta/{metric}/lo"] <= saved[f"eval/delta/{metric}/hi"], metric
     assert saved["ref_eval/kl"] == 0.0 and saved["eval/kl"] != 0.0
     assert saved["eval/reward_cvar"] <= saved["eval/reward_mean"] + 1e-9
     assert results["data"] == "sentiment"
@@ -72,6 +95,7 @@ def test_eval_command_on_an_exported_policy(tmp_path):
     assert len(found) == 1
     saved = json.loads(found[0].read_text())
     assert saved["kind"] == "eval" and "eval/reward_cvar" in saved and "ref_eval/reward_cvar" in saved
+    assert "eval/reward_cvar/lo" in saved and "eval/delta/reward_mean/hi" in saved
     assert "reward mean" in result.stdout
     bad = module_cli("riskexp.eval", "model=tiny", "data=fixture", runs_dir=tmp_path)
     assert bad.returncode == 2 and "data='fixture' has no generation task" in bad.stderr

@@ -142,3 +142,14 @@ def test_bad_risk_arguments_name_the_value(kwargs, message):
         CVaR(**kwargs)
     with pytest.raises(ValueError, match="theta=0"):
         Entropic(0)
+
+
+@pytest.mark.parametrize("alpha", [0.05, 0.1, 0.3, 1.0])
+def test_batched_var_and_cvar_equal_the_one_dimensional_ones_row_by_row(alpha):
+    # the bootstrap summarises (R, M) resamples in one call; ties and a fractional boundary atom included
+    x = torch.randn(7, 3, 30, dtype=torch.float64, generator=torch.Generator().manual_seed(2)).round(decimals=1)
+    for fn in (var_lower, cvar_lower, var_upper, cvar_upper):
+        batched = fn(x, alpha)
+        assert batched.shape == (7, 3)
+        rows = torch.stack([fn(row, alpha) for row in x.reshape(-1, 30)]).reshape(7, 3)
+        assert torch.equal(batched, rows), fn.__name__
