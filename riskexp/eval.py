@@ -8,14 +8,13 @@ VaR/CVaR, cost metrics, KL to the reference, distinct-n and perplexity to `resul
 
 from __future__ import annotations
 
-import sys
 import time
 
 import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from riskexp.cli import CONF_DIR
+from riskexp.cli import CONF_DIR, run_command
 from riskexp.results import git_commit, write_results
 from riskexp.run import build_logger, evaluate_task, finish_wandb, log_evaluation, output_dir
 from riskexp.schema import ConfigError, validate
@@ -28,21 +27,25 @@ def evaluate(cfg: DictConfig) -> dict:
     import lightning as L
 
     from riskexp.evaluation import format_comparison
-    from riskexp.models import from_pretrained
+    from riskexp.models import build_policy_and_reference, inference_device
 
     started = time.time()
     L.seed_everything(cfg.seed)
-    loader = instantiate(cfg.model.loader, _partial_=True)
-    base, tokenizer = loader()
-    policy = from_pretrained(cfg.model.path, dtype=cfg.model.dtype)[0] if cfg.model.path else base
-    reference = from_pretrained(cfg.model.ref_path, dtype=cfg.model.dtype)[0] if cfg.model.ref_path else base
+    policy, reference, tokenizer = build_policy_and_reference(
+        instantiate(cfg.model.loader, _partial_=True), cfg.model.path, cfg.model.ref_path, cfg.model.dtype,
+        reference_is_base=True,
+    )
+    # sampling and scoring follow the models' device (riskexp.generation)
+    device = inference_device()
+    policy.to(device)
+    reference.to(device)
     metrics, rows = evaluate_task(cfg, policy, reference, tokenizer)
     results = {
         "kind": "eval", "model": cfg.model.name, "policy": cfg.model.path or cfg.model.name,
         "reference": cfg.model.ref_path or cfg.model.name, "data": cfg.data.name, "seed": cfg.seed,
         "git_commit": git_commit(), "wall_time_s": round(time.time() - started, 2), **metrics,
     }
-    logger = build_logger(cfg)
+    logger = build_logger(cfg, output_dir())
     log_evaluation(logger, metrics, rows, cfg.eval.samples_logged)
     write_results(output_dir(), results)
     print(format_comparison(results), flush=True)
@@ -52,10 +55,7 @@ def evaluate(cfg: DictConfig) -> dict:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
 def main(cfg: DictConfig) -> None:
     try:
-        evaluate(cfg)
-    except ConfigError as error:
-        print(f"riskexp.eval: configuration error: {error}", file=sys.stderr)
-        sys.exit(2)
+        run_command(evaluate, cfg)
     finally:
         finish_wandb()
 

@@ -1,20 +1,27 @@
-"""Structured-config schemas (types) and range checks for the composed config.
+"""Structured-config schemas (types, keys) and the one place that checks the composed config, `validate`.
 
-Hydra checks types at composition (`alpha=abc` fails there, naming the key) and unknown group options
-(`risk=foo` lists the available ones). Ranges are checked by `validate`, first thing in every run, before any
-model or data loads. Nothing here imports torch, so a bad command line fails in about a second.
+Hydra checks types at composition (`alpha=abc` fails there, naming the key), unknown group options (`risk=foo`
+lists the available ones) and keys a schema lacks (`algo=ipo algo.label_smoothing=0.1`: IPOConfig has none).
+`validate` runs first thing in every command, before any model or data loads, and checks what composition
+lets through: mandatory values left `???`, keys added with `+` (`+algo.kl_wieght=0.5`) or by presets in every
+group, `_target_` groups against their target's signature, knobs cut from their top-level link
+(`risk.alpha=0.1`), ranges and combinations. Importing this module imports no torch.
 """
 
 from __future__ import annotations
 
+import difflib
+import functools
+import inspect
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import MISSING, DictConfig, OmegaConf
 
@@ -34,6 +41,33 @@ class CVaREstimatorName(str, Enum):
 
 
 @dataclass
+class ModelConfig:
+    name: str = MISSING
+    path: Optional[str] = None  # start the policy from an exported run, e.g. runs/<...>/policy
+    ref_path: Optional[str] = None  # take the reference from an exported run; null = a copy of the initial policy
+    dtype: str = "float32"
+    loader: Any = MISSING
+
+
+@dataclass
+class EvalConfig:
+    enabled: bool = True
+    num_prompts: int = 32
+    samples_per_prompt: int = 1
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    batch_size: int = 32
+    alpha: float = 0.1
+    alphas: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.25])
+    cost_threshold: float = 0.5
+    bootstrap_samples: int = 1000
+    confidence: float = 0.95
+    num_heldout_texts: int = 64
+    samples_logged: int = 16
+
+
+@dataclass
 class RiskexpConfig:
     alpha: float = 0.95  # risk level = tail mass in (0, 1]; 1 = risk-neutral
     beta: float = 0.1  # KL temperature, > 0
@@ -42,15 +76,15 @@ class RiskexpConfig:
     rerun: bool = False  # a finished run directory (with results.json) is skipped unless rerun=true
     save_policy: bool = True  # export the trained policy to <run>/policy (a later run's model.path)
     tags: list[str] = field(default_factory=list)
-    algo: Any = MISSING
+    algo: Any = MISSING  # typed by the option's own schema (conf/algo/*.yaml defaults), as risk
     risk: Any = MISSING
-    model: Any = MISSING
-    data: Any = MISSING
+    model: ModelConfig = MISSING
+    data: Any = MISSING  # `_target_` groups: keys checked against the target's signature by `validate`
     optimizer: Any = MISSING
     scheduler: Any = None
     trainer: Any = MISSING
     logger: Any = None
-    eval: Any = None
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 @dataclass
@@ -72,16 +106,46 @@ class EntropicRiskConfig:
     theta: float = 1.0
 
 
+# One schema per algorithm, holding only the knobs it reads: a knob of another algorithm
+# (`algo=ipo algo.label_smoothing=0.1`) is rejected, never silently ignored.
+
+
 @dataclass
 class AlgoConfig:
+    """The keys every algorithm has."""
+
     name: str = MISSING
-    variant: Optional[int] = None  # 1 or 2 for TDPO / Ra-DPO
-    kl_weight: Optional[float] = None  # weight on the KL / risk term in variant 2
-    label_smoothing: float = 0.0
     chunk_size: int = 64  # positions per chunk of the token-level terms (bounds memory)
-    precompute_ref_logps: bool = False  # sequence-level objectives only
     objective: Any = None
     module: Any = MISSING
+
+
+@dataclass
+class SFTConfig(AlgoConfig):
+    pass
+
+
+@dataclass
+class DPOConfig(AlgoConfig):
+    label_smoothing: float = 0.0  # conservative DPO
+    precompute_ref_logps: bool = False  # sequence-level objectives only
+
+
+@dataclass
+class IPOConfig(AlgoConfig):
+    average_log_ratios: bool = False  # per-token means (TRL) instead of sums (IPO paper, DPO code)
+    precompute_ref_logps: bool = False
+
+
+@dataclass
+class TDPOConfig(AlgoConfig):
+    variant: int = 1  # 1 or 2
+    kl_weight: float = 0.5  # weight on the KL (Ra-DPO: risk) term in variant 2
+
+
+@dataclass
+class RaDPOConfig(TDPOConfig):
+    pass
 
 
 def register_schemas() -> None:
@@ -90,17 +154,62 @@ def register_schemas() -> None:
     cs.store(group="schema/risk", name="mean", node=MeanRiskConfig)
     cs.store(group="schema/risk", name="cvar", node=CVaRRiskConfig)
     cs.store(group="schema/risk", name="entropic", node=EntropicRiskConfig)
-    cs.store(group="schema/algo", name="preference", node=AlgoConfig)
+    for name, node in (("sft", SFTConfig), ("dpo", DPOConfig), ("ipo", IPOConfig), ("tdpo", TDPOConfig),
+                       ("ra_dpo", RaDPOConfig)):
+        cs.store(group="schema/algo", name=name, node=node)
 
 
 # --- resolvers used in conf/ -----------------------------------------------------------------------------
 
 
 def run_dirname(override_dirname: str) -> str:
-    """A readable directory name from the command-line overrides, e.g. `algo=ra_dpo,alpha=0.1`."""
+    """A readable directory name from the command-line overrides, e.g. `algo=ra_dpo,alpha=0.1`.
+
+    Always one valid path component, whatever the overrides hold: `/` and `\\` become `_`, and the name has
+    at most 255 bytes (UTF-8). A value over 48 bytes keeps its first and last 16 characters around the first
+    8 hex digits of its SHA-1 (`model.path=_tmp_pytest-of-~1a2b3c4d~ep3_policy`); a name still over 255 bytes
+    keeps its first 200 bytes and the hash of the whole. The full overrides stay in `.hydra/overrides.yaml`
+    and results.json.
+    """
+    import hashlib
+
+    max_value_bytes, kept_chars, max_name_bytes, kept_name_bytes = 48, 16, 255, 200
+
+    def digest(text: str) -> str:
+        return hashlib.sha1(text.encode()).hexdigest()[:8]  # stable across processes, unlike hash()
+
+    def shorten(value: str) -> str:
+        if len(value.encode()) <= max_value_bytes:
+            return value
+        return f"{value[:kept_chars]}~{digest(value)}~{value[-kept_chars:]}"
+
+    def items(text: str, sep: str = ",") -> list[str]:
+        # Hydra joins the overrides with ","; a list value such as `eval.alphas=[0.1,0.2]` keeps its commas
+        parts, depth, quote, start = [], 0, None, 0
+        for i, char in enumerate(text):
+            if quote:
+                quote = None if char == quote else quote
+            elif char in "'\"":
+                quote = char
+            elif char in "[{(":
+                depth += 1
+            elif char in "]})":
+                depth -= 1
+            elif char == sep and depth == 0:
+                parts.append(text[start:i])
+                start = i + 1
+        return [*parts, text[start:]]
+
     if not override_dirname:
         return "default"
-    return re.sub(r"[/\\]", "_", override_dirname)
+    shortened = []
+    for item in items(override_dirname):
+        key, equals, value = item.partition("=")
+        shortened.append(key + equals + shorten(value) if equals else shorten(item))
+    name = re.sub(r"[/\\]", "_", ",".join(shortened))
+    if len(name.encode()) > max_name_bytes:
+        name = name.encode()[:kept_name_bytes].decode(errors="ignore") + "~" + digest(override_dirname)
+    return name
 
 
 def gpus_per_task(accelerator: str, devices: int) -> int:
@@ -121,7 +230,47 @@ register_schemas()
 register_resolvers()
 
 
-# --- range checks ----------------------------------------------------------------------------------------
+# --- checks of the composed config: one place, `validate` ---------------------------------------------------
+
+# Hydra's instantiation keys, accepted beside a `_target_`'s arguments
+INSTANTIATE_KEYS = frozenset({"_target_", "_partial_", "_recursive_", "_convert_", "_args_"})
+
+# lightning.Trainer's arguments, stored so that a misspelt trainer key fails without importing Lightning (which
+# takes seconds); tests/test_configs.py checks this list against the installed Lightning
+TRAINER_ARGUMENTS = frozenset({
+    "accelerator", "strategy", "devices", "num_nodes", "precision", "logger", "callbacks", "fast_dev_run",
+    "max_epochs", "min_epochs", "max_steps", "min_steps", "max_time", "limit_train_batches", "limit_val_batches",
+    "limit_test_batches", "limit_predict_batches", "overfit_batches", "val_check_interval",
+    "check_val_every_n_epoch", "num_sanity_val_steps", "log_every_n_steps", "enable_checkpointing",
+    "enable_progress_bar", "enable_model_summary", "accumulate_grad_batches", "gradient_clip_val",
+    "gradient_clip_algorithm", "deterministic", "benchmark", "inference_mode", "use_distributed_sampler",
+    "profiler", "detect_anomaly", "barebones", "plugins", "sync_batchnorm", "reload_dataloaders_every_n_epochs",
+    "default_root_dir", "enable_autolog_hparams", "model_registry",
+})
+STORED_ARGUMENTS = {"lightning.Trainer": TRAINER_ARGUMENTS, "lightning.pytorch.Trainer": TRAINER_ARGUMENTS}
+
+# trainer-group keys riskexp reads itself (its checkpointing); the other keys are lightning.Trainer arguments
+RISKEXP_TRAINER_KEYS = ("checkpoint_every_n_steps", "keep_checkpoint")
+
+# `_target_` groups: keys riskexp reads itself beside the target's arguments, and arguments riskexp passes
+# itself (run.py, modules.py), so a config must not set them
+OWN_KEYS = {"data": ("task", "build"), "trainer": RISKEXP_TRAINER_KEYS}
+PASSED_BY_RISKEXP = {
+    "data": ("tokenizer",),
+    "optimizer": ("params",),
+    "scheduler": ("optimizer", "total_steps"),
+    "trainer": ("logger", "callbacks", "default_root_dir", "enable_checkpointing"),
+}
+
+# sections of the data group that riskexp reads itself (run.evaluate_task, riskexp.data.build)
+DATA_SECTION_KEYS = {
+    "task": ("prompts", "reward", "cost", "heldout_texts"),
+    "build": ("prompts", "k", "cost_weight", "max_new_tokens", "temperature", "top_p", "batch_size", "out"),
+}
+
+# keys that follow a top-level knob by interpolation: set directly, they would silently part from the knob
+# that results.json and the directory name report
+LINKED_KEYS = {"risk.alpha": "alpha", "algo.objective.beta": "beta", "data.seed": "seed"}
 
 
 def _check(ok: bool, key: str, value: Any, accepted: str) -> None:
@@ -133,16 +282,139 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def validate(cfg: DictConfig) -> None:
-    """Check ranges and combinations that types cannot express. Raises ConfigError."""
+@functools.cache
+def target_arguments(target: str) -> dict[str, Any] | None:
+    """A `_target_`'s keyword arguments and their defaults (`inspect.Parameter.empty` when none or unknown);
+    None when it takes **kwargs, so any key goes."""
+    if target in STORED_ARGUMENTS:
+        return dict.fromkeys(STORED_ARGUMENTS[target], inspect.Parameter.empty)
+    from hydra._internal.utils import _locate  # hydra.utils.get_object, without its log line on failure
+
+    parameters = inspect.signature(_locate(target)).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return None
+    return {p.name: p.default for p in parameters if p.kind is not p.VAR_POSITIONAL}
+
+
+def _choice(cfg: DictConfig, group: str) -> str:
+    """How the command line names a group's option, e.g. `algo=ipo`, for messages."""
+    if "hydra" in cfg:
+        choices = cfg.hydra.runtime.choices
+    elif HydraConfig.initialized():
+        choices = HydraConfig.get().runtime.choices
+    else:
+        return group
+    return f"{group}={choices[group]}" if choices.get(group) else group
+
+
+def _unknown_keys(keys: Any, accepted: Any, prefix: str, where: str) -> None:
+    unknown = sorted(set(keys) - set(accepted))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], accepted, n=1)
+        hint = f"; did you mean {prefix}{close[0]}?" if close else "."
+        raise ConfigError(f"{prefix}{unknown[0]} is not a key of {where}{hint} Accepted keys: "
+                          f"{', '.join(sorted(set(accepted) - INSTANTIATE_KEYS))}")
+
+
+def check_missing(cfg: DictConfig) -> None:
+    """Mandatory values (`???`) left unset, e.g. data=local without data.source.path."""
+    def walk(value: Any, key: str):  # the unresolved container: interpolations need not resolve here
+        if isinstance(value, dict):
+            for k, v in value.items():
+                yield from walk(v, f"{key}.{k}" if key else str(k))
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                yield from walk(v, f"{key}[{i}]")
+        elif value == "???":
+            yield key
+
+    missing = sorted(walk({k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items() if k != "hydra"}, ""))
+    if missing:
+        raise ConfigError(f"{missing[0]} is missing (???): pass it on the command line, {missing[0]}=VALUE"
+                          + (f"; also missing: {', '.join(missing[1:])}" if missing[1:] else ""))
+
+
+def check_schema_keys(cfg: DictConfig) -> None:
+    """Keys of the top level, of the groups with a structured schema (algo, risk, model, eval) and of the data
+    group's task and build sections. Hydra rejects `algo.x=1` for a key the schema lacks, but `+algo.x=1` and
+    presets add keys even to typed nodes."""
+    _unknown_keys([k for k in cfg if k != "hydra"], [f.name for f in fields(RiskexpConfig)], "",
+                  "the top-level config (riskexp.schema.RiskexpConfig)")
+    for group in ("algo", "risk", "model", "eval"):
+        node = cfg.get(group)
+        schema = OmegaConf.get_type(node) if isinstance(node, DictConfig) else None
+        if schema is not None and is_dataclass(schema):
+            _unknown_keys(node, [f.name for f in fields(schema)], f"{group}.",
+                          f"{_choice(cfg, group)} (riskexp.schema.{schema.__name__})")
+    for section, keys in DATA_SECTION_KEYS.items():
+        if isinstance(cfg.data.get(section), DictConfig):
+            _unknown_keys(cfg.data[section], keys, f"data.{section}.", f"{_choice(cfg, 'data')}'s {section} section")
+
+
+def check_target_keys(cfg: DictConfig, group: str) -> None:
+    """Keys of a `_target_` group: the target's arguments (or any key, if it takes **kwargs), Hydra's keys and
+    riskexp's own; a value whose argument defaults to a number (or a bool) must be one."""
+    node = cfg.get(group)
+    if not isinstance(node, DictConfig) or node.get("_target_") is None:
+        return
+    target = node._target_
+    try:
+        arguments = target_arguments(target)
+    except (ImportError, AttributeError, ValueError) as error:  # what instantiate would fail with, later
+        reason = " ".join(str(error).split())
+        raise ConfigError(f"{group}._target_={target!r} is not accepted: it cannot be imported ({reason})") from None
+    if arguments is None:
+        return
+    passed = PASSED_BY_RISKEXP.get(group, ())
+    clash = sorted(set(node) & set(passed))
+    if clash:
+        raise ConfigError(f"{group}.{clash[0]} is not accepted: riskexp passes {target} its {clash[0]} itself")
+    accepted = (set(arguments) - set(passed)) | INSTANTIATE_KEYS | set(OWN_KEYS.get(group, ()))
+    where = f"{_choice(cfg, group)} (the arguments of {target}" + (
+        f" but {', '.join(passed)}, which riskexp passes itself" if passed else "") + (
+        f", and riskexp's {', '.join(OWN_KEYS[group])}" if group in OWN_KEYS else "") + ")"
+    _unknown_keys(node, accepted, f"{group}.", where)
+    for key, default in arguments.items():
+        if key not in node or not (isinstance(default, bool) or _number(default)):
+            continue
+        value = node[key]
+        if isinstance(default, bool):
+            _check(isinstance(value, bool), f"{group}.{key}", value, f"true or false ({target}'s {key})")
+        elif value is not None:  # an Optional argument with a numeric default may take null
+            _check(_number(value), f"{group}.{key}", value, f"a number ({target}'s {key}, default {default})")
+
+
+def check_links(cfg: DictConfig) -> None:
+    """Keys set apart from the knob they follow (`risk.alpha=0.1` instead of `alpha=0.1`)."""
+    for key, knob in LINKED_KEYS.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and value != cfg[knob]:
+            raise ConfigError(f"{key}={value!r} is not accepted: {key} follows the top-level {knob} "
+                              f"({knob}={cfg[knob]!r}, which results.json reports); set {knob}={value!r} instead")
+    algo = cfg.algo
+    for part in ("objective", "module"):  # algo.objective.variant=2 would bypass algo.variant, likewise
+        node = algo.get(part)
+        for key in node if isinstance(node, DictConfig) else ():
+            if key in algo and node[key] != algo[key]:
+                raise ConfigError(f"algo.{part}.{key}={node[key]!r} is not accepted: it follows algo.{key}; "
+                                  f"set algo.{key}={node[key]!r} instead")
+
+
+def validate(cfg: DictConfig, import_targets: bool = True) -> None:
+    """Check the composed config before anything loads: mandatory values, unknown keys in every group, knobs
+    cut from their top-level link, types of `_target_` arguments, ranges and combinations that types cannot
+    express. Raises ConfigError naming the key. The checks that import a group's target (Lightning for data,
+    scheduler and logger: seconds) come last, so most bad commands fail in about a second; with
+    `import_targets=False` they are left to `check_imported_targets`."""
+    check_missing(cfg)
+    check_schema_keys(cfg)
+    check_links(cfg)
     _check(_number(cfg.alpha) and 0 < cfg.alpha <= 1, "alpha", cfg.alpha,
            "the risk level (tail mass) must be in (0, 1]; 1 is risk-neutral")
     _check(_number(cfg.beta) and cfg.beta > 0, "beta", cfg.beta, "the KL temperature must be > 0")
     _check(cfg.seed >= 0, "seed", cfg.seed, "seeds are integers >= 0")
 
     risk = cfg.risk
-    if "alpha" in risk:
-        _check(0 < risk.alpha <= 1, "risk.alpha", risk.alpha, "must be in (0, 1]")
     if "theta" in risk:
         _check(risk.theta > 0, "risk.theta", risk.theta, "the entropic risk aversion must be > 0")
     if risk.get("split_vocab"):
@@ -158,24 +430,54 @@ def validate(cfg: DictConfig) -> None:
            "must be in [0, 0.5)")
     _check(algo.get("chunk_size", 1) >= 1, "algo.chunk_size", algo.get("chunk_size"), "must be >= 1")
 
+    for group in ("trainer", "optimizer"):  # before data: types of the lengths below
+        check_target_keys(cfg, group)
     data = cfg.data
     for key in ("batch_size", "max_length", "max_prompt_length"):
         if key in data:
-            _check(data[key] >= 1, f"data.{key}", data[key], "must be >= 1")
+            _check(_number(data[key]) and data[key] >= 1, f"data.{key}", data[key], "must be >= 1")
     if "max_length" in data and "max_prompt_length" in data:
         _check(data.max_prompt_length < data.max_length, "data.max_prompt_length", data.max_prompt_length,
                f"must be smaller than data.max_length={data.max_length}")
 
-    _check(cfg.model.get("dtype", "float32") in ("float32", "bfloat16", "float16"), "model.dtype",
-           cfg.model.get("dtype"), "float32, bfloat16 or float16")
+    _check(cfg.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype", cfg.model.dtype,
+           "float32, bfloat16 or float16")
     trainer = cfg.trainer
     if trainer.get("accelerator") == "cpu":
         _check("16" not in str(trainer.get("precision", "32")), "trainer.precision", trainer.get("precision"),
                "32-true on accelerator=cpu (bf16/fp16 run ~30x slower than fp32 on CPUs); use trainer=gpu for bf16")
+    every = trainer.get("checkpoint_every_n_steps", 0)
+    _check(isinstance(every, int) and not isinstance(every, bool) and every >= 0, "trainer.checkpoint_every_n_steps",
+           every, "an integer >= 0 (0: a checkpoint only at the end and on signals)")
+    _check(isinstance(trainer.get("keep_checkpoint", False), bool), "trainer.keep_checkpoint",
+           trainer.get("keep_checkpoint"), "true or false")
+
+    # evaluation runs after training: a bad value found there would cost the whole run
+    evaluation = cfg.eval
+    for key in ("num_prompts", "samples_per_prompt", "max_new_tokens", "batch_size", "bootstrap_samples"):
+        _check(evaluation[key] >= 1, f"eval.{key}", evaluation[key], "an integer >= 1")
+    for key, level in [("eval.alpha", evaluation.alpha)] + [(f"eval.alphas[{i}]", a) for i, a in
+                                                             enumerate(evaluation.alphas)]:
+        _check(0 < level <= 1, key, level, "a tail level in (0, 1]")
+    _check(0 < evaluation.confidence < 1, "eval.confidence", evaluation.confidence, "a probability in (0, 1)")
+    _check(evaluation.temperature > 0, "eval.temperature", evaluation.temperature, "must be > 0")
+    _check(0 < evaluation.top_p <= 1, "eval.top_p", evaluation.top_p, "must be in (0, 1]")
     for key in ("path", "ref_path"):
         path = cfg.model.get(key)
         if path:
             _check(os.path.isdir(path), f"model.{key}", path, "an existing directory, e.g. runs/<...>/policy")
+    for key in ("source", "val_source"):  # preference files (data=local, fixture, the prebuilt tasks)
+        path = OmegaConf.select(data, f"{key}.path", default=None)
+        if isinstance(path, str):
+            _check(os.path.exists(path), f"data.{key}.path", path, "an existing file (JSONL, JSON or Parquet)")
+    if import_targets:
+        check_imported_targets(cfg)
+
+
+def check_imported_targets(cfg: DictConfig) -> None:
+    """The keys of the groups whose target takes seconds to import (Lightning)."""
+    for group in ("scheduler", "logger", "data"):
+        check_target_keys(cfg, group)
 
 
 # --- sweeps: every job's config is checked before the first one starts -----------------------------------
@@ -186,17 +488,20 @@ class ValidateSweep(Callback):
     `validate` the config of every job, so `alpha=0.1,1.5` fails in seconds, not after the first job trained."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        import sys
-
         from hydra import compose
         from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
         from hydra.core.override_parser.overrides_parser import OverridesParser
 
+        from riskexp.cli import exit_with_config_error
+
         overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
-        for batch in BasicSweeper.split_arguments(overrides, None):
-            for job in batch:
+        # with the hydra node: its runtime.choices name the job's options in messages
+        jobs = [(job, compose(config.hydra.job.config_name, overrides=job, return_hydra_config=True))
+                for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+        # every job's fast checks first, so a bad job fails in seconds however many jobs come before it
+        for check in (functools.partial(validate, import_targets=False), check_imported_targets):
+            for job, cfg in jobs:
                 try:
-                    validate(compose(config.hydra.job.config_name, overrides=job))
+                    check(cfg)
                 except ConfigError as error:
-                    print(f"riskexp: configuration error in sweep job {' '.join(job)}: {error}", file=sys.stderr)
-                    sys.exit(2)
+                    exit_with_config_error(error, f" in sweep job {' '.join(job)}")

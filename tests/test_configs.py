@@ -74,3 +74,110 @@ def test_bad_names_and_types_fail_at_composition(override, message):
         compose_config([override])
     text = str(error.value) + str(error.value.__cause__)
     assert message in text
+
+
+@pytest.mark.parametrize(
+    "overrides, key, schema",
+    [
+        (["algo=ipo", "algo.label_smoothing=0.1"], "label_smoothing", "IPOConfig"),
+        (["algo=dpo", "algo.variant=2"], "variant", "DPOConfig"),
+        (["algo=ra_dpo", "algo.precompute_ref_logps=true"], "precompute_ref_logps", "RaDPOConfig"),
+        (["algo=sft", "algo.kl_weight=0.5"], "kl_weight", "SFTConfig"),
+    ],
+)
+def test_each_algorithm_accepts_only_its_own_knobs(overrides, key, schema):
+    with pytest.raises(ConfigCompositionException) as error:
+        compose_config(overrides)
+    text = str(error.value) + str(error.value.__cause__)
+    assert key in text and schema in text
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["algo=ipo", "+algo.label_smoothing=0.1"], "algo.label_smoothing is not a key of algo=ipo"),
+        (["+algo.kl_wieght=0.5"], "algo.kl_wieght is not a key of algo=ra_dpo (riskexp.schema.RaDPOConfig); "
+                                  "did you mean algo.kl_weight?"),
+        (["risk=entropic", "+risk.thetta=2"], "risk.thetta is not a key of risk=entropic"),
+        (["+model.pth=x"], "model.pth is not a key of model=smollm2_135m"),
+        (["+data.limt=3"], "data.limt is not a key of data=sentiment"),
+        (["+data.task.rewards=x"], "data.task.rewards is not a key of data=sentiment's task section"),
+        (["+data.build.kk=2"], "data.build.kk is not a key of data=sentiment's build section"),
+        (["+optimizer.beta=0.9"], "optimizer.beta is not a key of optimizer=adamw (the arguments of torch.optim.AdamW"),
+        (["+scheduler.warmup_step=0"], "scheduler.warmup_step is not a key of scheduler=warmup_cosine"),
+        (["+trainer.max_step=5"], "trainer.max_step is not a key of trainer=cpu"),
+        (["+trainer.enable_checkpointing=true"], "riskexp passes lightning.Trainer its enable_checkpointing itself"),
+        (["logger=csv", "+logger.save=x"], "logger.save is not a key of logger=csv"),
+        (["+eval.num_prompt=4"], "eval.num_prompt is not a key of eval"),
+        (["+seeed=1"], "seeed is not a key of the top-level config"),
+    ],
+)
+def test_unknown_keys_are_rejected_in_every_group(overrides, message):
+    cfg = compose_config(overrides)  # `+key=` adds a key even to a structured config
+    with pytest.raises(ConfigError) as error:
+        validate(cfg)
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["+optimizer.betas=[0.9,0.99]"], ["optimizer=rmsprop", "+optimizer.momentum=0.9"],
+     ["+trainer.limit_train_batches=2"], ["trainer.checkpoint_every_n_steps=10", "trainer.keep_checkpoint=true"],
+     ["+logger.entity=someone"],  # WandbLogger passes its **kwargs to wandb.init
+     ["algo=ipo", "algo.average_log_ratios=true"], ["scheduler=warmup_constant", "scheduler.warmup_steps=0"]],
+)
+def test_keys_the_targets_take_are_accepted(overrides):
+    validate(compose_config(overrides))
+
+
+def test_stored_trainer_arguments_are_lightnings():
+    import inspect
+
+    import lightning
+
+    from riskexp.schema import TRAINER_ARGUMENTS
+
+    assert TRAINER_ARGUMENTS == set(inspect.signature(lightning.Trainer.__init__).parameters) - {"self"}
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["risk.alpha=0.1"], "risk.alpha=0.1 is not accepted: risk.alpha follows the top-level alpha (alpha=0.95"),
+        (["algo.objective.beta=0.5"], "set beta=0.5 instead"),
+        (["data.seed=3"], "set seed=3 instead"),
+        (["algo=tdpo", "algo.objective.variant=2"], "it follows algo.variant; set algo.variant=2 instead"),
+        (["data=local"], "data.source.path is missing (???): pass it on the command line, data.source.path=VALUE"),
+        (["data=local", "data.source.path=/no/such/pairs.jsonl"], "data.source.path='/no/such/pairs.jsonl'"),
+        (["optimizer.lr=abc"], "optimizer.lr='abc' is not accepted: a number (torch.optim.AdamW's lr"),
+        (["experiment=smoke", "trainer.checkpoint_every_n_steps=-1"], "trainer.checkpoint_every_n_steps=-1"),
+        (["eval.confidence=1.5"], "eval.confidence=1.5"),
+        (["eval.alphas=[0.1,2]"], "eval.alphas[1]=2"),
+        (["optimizer._target_=torch.optim.Adamw"], "optimizer._target_='torch.optim.Adamw' is not accepted"),
+    ],
+)
+def test_cut_links_missing_values_and_bad_types_are_rejected(overrides, message):
+    with pytest.raises(ConfigError) as error:
+        validate(compose_config(overrides))
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize("name, peak_after", [("warmup_cosine", False), ("warmup_constant", True)])
+def test_schedules_are_transformers_with_a_capped_warmup(name, peak_after):
+    import torch
+
+    cfg = compose_config([f"scheduler={name}"])
+    assert cfg.scheduler.warmup_steps == 150 and cfg.scheduler.max_warmup_fraction == 0.1
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = instantiate(cfg.scheduler)(optimizer, total_steps=40)  # as PolicyModule.configure_optimizers
+    factors = []
+    for _ in range(40):
+        factors.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    # the warm-up is capped at 10% of the 40 steps: linear from 0 over 4 steps (transformers' warm-up)
+    assert factors[:5] == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])
+    if peak_after:
+        assert factors[4:] == pytest.approx([1.0] * 36)
+    else:  # cosine decay to 0 at the 40th step
+        assert factors[4:] == sorted(factors[4:], reverse=True) and 0 < factors[-1] < 0.01

@@ -4,23 +4,25 @@
 
 For each prompt, k completions are sampled and scored with score = reward - cost_weight * cost; the best
 becomes `chosen` and the worst `rejected`. Prompts whose k scores are all equal carry no preference and are
-skipped. The records are what `riskexp.data.preference.load_preference_file` reads.
+skipped. The records are what `riskexp.data.preference.load_preference_file` reads. The samples come from the
+base model of `model=`, or from an exported policy with `model.path=runs/<...>/policy`; on a GPU when there is one.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import hydra
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from riskexp.cli import CONF_DIR
+from riskexp.cli import CONF_DIR, run_command
 from riskexp.evaluation import score_with
 from riskexp.files import write_jsonl
 from riskexp.generation import generate
+from riskexp.models import build_policy_and_reference, inference_device
 from riskexp.schema import ConfigError, validate
 
 Scorer = Callable[[list[str], list[str]], torch.Tensor]
@@ -40,7 +42,7 @@ def build_pairs(
     top_p: float = 1.0,
     batch_size: int = 32,
     seed: int = 0,
-    chat: bool = False,
+    prompt_format: str = "plain",
 ) -> list[dict]:
     """Best-vs-worst of k samples per prompt, as preference records in the prompts' order.
 
@@ -57,7 +59,7 @@ def build_pairs(
     repeated = [p for p in prompts for _ in range(k)]
     samples = generate(
         model, tokenizer, repeated, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-        do_sample=True, batch_size=batch_size, seed=seed, chat=chat,
+        do_sample=True, batch_size=batch_size, seed=seed, prompt_format=prompt_format,
     )
     completions = samples.texts
     rewards = score_with(reward, repeated, completions, "reward")
@@ -90,26 +92,34 @@ def build_pairs(
     return records
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="build")
-def main(cfg: DictConfig) -> None:
-    """Hydra entry point (`conf/build.yaml`): the data group's `build` section and its task's scorers."""
-    try:
-        validate(cfg)
-        if not cfg.data.get("build"):
-            raise ConfigError(f"data={cfg.data.name!r} has no build section; accepted: data=sentiment, data=toxicity")
-    except ConfigError as error:
-        print(f"riskexp.data.build: configuration error: {error}", file=sys.stderr)
-        sys.exit(2)
+def build(cfg: DictConfig) -> Path:
+    """`python -m riskexp.data.build` (`conf/build.yaml`): the data group's `build` section and its task's scorers."""
+    validate(cfg)
+    if not cfg.data.get("build"):
+        raise ConfigError(f"data={cfg.data.name!r} has no build section; accepted: data=sentiment, data=toxicity")
+    if cfg.model.get("ref_path"):
+        raise ConfigError(f"model.ref_path={cfg.model.ref_path!r} is not used by riskexp.data.build, which "
+                          "samples from model.path (or the base model); drop it")
     spec, task = cfg.data.build, cfg.data.task
-    model, tokenizer = instantiate(cfg.model.loader)
+    # the same model building as training: model.path=DIR samples from the exported policy in DIR
+    model, _, tokenizer = build_policy_and_reference(
+        instantiate(cfg.model.loader, _partial_=True), cfg.model.path, dtype=cfg.model.dtype, need_reference=False
+    )
+    model.to(inference_device())
     records = build_pairs(
         model, tokenizer, instantiate(spec.prompts), instantiate(task.reward), k=spec.k,
         cost=instantiate(task.cost) if task.get("cost") else None, cost_weight=spec.cost_weight,
         max_new_tokens=spec.max_new_tokens, temperature=spec.temperature, top_p=spec.top_p,
-        batch_size=spec.batch_size, seed=cfg.seed, chat=task.chat,
+        batch_size=spec.batch_size, seed=cfg.seed, prompt_format=cfg.data.prompt_format,
     )
     path = write_jsonl(records, spec.out)
-    print(f"{len(records)} pairs from {cfg.model.name} on {cfg.data.name} -> {path}", flush=True)
+    print(f"{len(records)} pairs from {cfg.model.path or cfg.model.name} on {cfg.data.name} -> {path}", flush=True)
+    return path
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="build")
+def main(cfg: DictConfig) -> None:
+    run_command(build, cfg)
 
 
 if __name__ == "__main__":
