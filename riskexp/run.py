@@ -15,8 +15,16 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from riskexp.results import archive_results, git_commit, read_results, write_results
-from riskexp.schema import validate
+from riskexp.results import (
+    archive_results,
+    check_same_config,
+    config_differences,
+    provenance,
+    read_results,
+    run_config,
+    write_results,
+)
+from riskexp.schema import RISKEXP_TRAINER_KEYS, validate
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +56,8 @@ def datamodule_config(cfg: DictConfig) -> dict:
 
 
 def evaluate_task(cfg: DictConfig, policy, reference, tokenizer) -> tuple[dict, list[dict]]:
-    """Sample, score and compare the policy with the reference on the task's held-out prompts."""
+    """Sample, score and compare the policy with the reference on the task's held-out prompts: tails at the
+    headline `eval.alpha` and at each of `eval.alphas` and the run's own `alpha`, with bootstrap intervals."""
     from riskexp.evaluation import compare
 
     task, settings = cfg.data.task, cfg.eval
@@ -58,7 +67,11 @@ def evaluate_task(cfg: DictConfig, policy, reference, tokenizer) -> tuple[dict, 
         policy, reference, tokenizer, prompts,
         reward=instantiate(task.reward),
         cost=instantiate(task.cost) if task.get("cost") else None,
-        alphas=list(settings.alphas),
+        alpha=settings.alpha,
+        alphas=[*settings.alphas, cfg.alpha],
+        samples_per_prompt=settings.samples_per_prompt,
+        bootstrap_samples=settings.bootstrap_samples,
+        confidence=settings.confidence,
         cost_threshold=settings.cost_threshold,
         heldout_texts=heldout,
         max_new_tokens=settings.max_new_tokens,
@@ -66,7 +79,7 @@ def evaluate_task(cfg: DictConfig, policy, reference, tokenizer) -> tuple[dict, 
         top_p=settings.top_p,
         batch_size=settings.batch_size,
         seed=cfg.seed,
-        chat=task.chat,
+        prompt_format=cfg.data.prompt_format,
     )
 
 
@@ -79,10 +92,14 @@ def log_evaluation(logger, metrics: dict, rows: list[dict], n_rows: int) -> None
         logger.log_table("eval/samples", columns=columns, data=[[r[c] for c in columns] for r in rows[:n_rows]])
 
 
-def build_logger(cfg: DictConfig):
+def build_logger(cfg: DictConfig, out: Path):
+    """The experiment logger, or False. A logger config with an `id` key (W&B) gets the run directory's persistent
+    id, so a resumed run continues the same logged run."""
     if not cfg.logger or cfg.logger.get("_target_") is None:
         return False
-    return instantiate(cfg.logger)
+    from riskexp.resume import run_id
+
+    return instantiate(cfg.logger, **({"id": run_id(out)} if "id" in cfg.logger else {}))
 
 
 def finish_wandb() -> None:
@@ -99,10 +116,16 @@ def run(cfg: DictConfig) -> dict:
     out = output_dir()
     done = read_results(out)
     if done is not None and not cfg.rerun:
-        log.info("%s already holds results.json (finished); skipping. Pass rerun=true to train again.", out)
+        check_same_config(out, done, run_config(cfg))  # before any model loads: a refusal takes seconds
+        log.info("%s already holds results.json of this config (finished); skipping. "
+                 "Pass rerun=true to train again.", out)
         return done
     if done is not None:
         log.info("rerun=true: previous results moved to %s", archive_results(out))
+    if cfg.rerun:  # from scratch: no resuming a checkpoint, a new W&B run
+        from riskexp.resume import forget_run
+
+        forget_run(out)
     try:
         return _train(cfg, out)
     finally:
@@ -116,6 +139,7 @@ def _train(cfg: DictConfig, out: Path) -> dict:
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
 
     from riskexp.models import build_policy_and_reference
+    from riskexp.resume import Checkpointing, check_checkpoint_config, last_checkpoint
 
     started = time.time()
     L.seed_everything(cfg.seed, workers=True)
@@ -136,18 +160,24 @@ def _train(cfg: DictConfig, out: Path) -> dict:
         **objective_kwargs,
     )
 
-    logger = build_logger(cfg)
+    checkpoint = last_checkpoint(out)
+    check_checkpoint_config(out, run_config(cfg), config_differences)
+    resume_from = checkpoint if checkpoint.exists() else None
+    if resume_from:
+        log.info("resuming from %s", resume_from)
+    logger = build_logger(cfg, out)
     flat = describe(cfg) | risk.describe()
     if logger:
         logger.log_hyperparams(flat | {"config": OmegaConf.to_container(cfg, resolve=True)})
-    callbacks = []
-    if cfg.trainer.get("enable_checkpointing"):
-        from lightning.pytorch.callbacks import ModelCheckpoint
-
-        callbacks.append(ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0))
-    trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=str(out))
-    trainer.fit(module, datamodule=datamodule)
-    train_metrics = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+    # riskexp's own checkpointing replaces Lightning's: one resumable last.ckpt, signals turned into checkpoints
+    trainer_cfg = {k: v for k, v in cfg.trainer.items() if k not in RISKEXP_TRAINER_KEYS}
+    checkpointing = Checkpointing(out, cfg.trainer.checkpoint_every_n_steps)
+    trainer = instantiate(trainer_cfg, logger=logger, callbacks=[checkpointing], enable_checkpointing=False,
+                          default_root_dir=str(out))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+    # Lightning moves the module to the CPU when fit ends; validation and evaluation run where training ran
+    module.to(trainer.strategy.root_device)
+    train_metrics = checkpointing.train_metrics  # the last step's, also when it ran before a resume
     if module.validated_at_step == trainer.global_step:
         val_metrics = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     else:  # a last full pass over the validation set with the final weights
@@ -156,7 +186,7 @@ def _train(cfg: DictConfig, out: Path) -> dict:
     results = flat | {
         "steps": trainer.global_step,
         "status": "finished",
-        "git_commit": git_commit(),
+        **provenance(cfg),  # overrides, choices, config, riskexp_version, git_commit
         "wall_time_s": round(time.time() - started, 2),
         "output_dir": str(out),
         **{k: float(v) for k, v in train_metrics.items()},
@@ -175,4 +205,6 @@ def _train(cfg: DictConfig, out: Path) -> dict:
     if trainer.is_global_zero:
         write_results(out, results)
         log.info("results: %s", out / "results.json")
+        if not cfg.trainer.keep_checkpoint:  # a finished run is never resumed; its checkpoint is only disk use
+            checkpoint.unlink(missing_ok=True)
     return results

@@ -1,5 +1,6 @@
 """A --multirun through the SLURM launcher on a real single-node SLURM cluster (shared/slurm/slurm_local.sh)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -37,3 +38,24 @@ def test_sweep_runs_as_a_slurm_job_array(slurm_cluster, tmp_path):
     sweep = tmp_path / "runs" / "sweeps" / "smoke"
     assert len(list(sweep.rglob("results.json"))) == 2
     assert list(sweep.glob(".submitit/*")), "the jobs went through submitit"
+
+
+@pytest.mark.slow
+def test_job_past_its_time_limit_is_requeued_and_resumes(slurm_cluster, tmp_path):
+    """A 1-minute SLURM time limit and a longer training: submitit's signal (USR2, `signal_delay_s` before the limit)
+    makes the run checkpoint and requeue itself; the requeued job resumes from the checkpoint and finishes."""
+    runs = tmp_path / "runs"
+    env = os.environ | slurm_cluster | {"RISKEXP_RUNS": str(runs), "RISKEXP_SLURM_PARTITION": "debug",
+                                        "RISKEXP_SLURM_CPUS": "1", "RISKEXP_SLURM_MEM_GB": "3", "WANDB_MODE": "disabled"}
+    result = subprocess.run(
+        [sys.executable, "-m", "riskexp", "--multirun", "hydra/launcher=slurm", "hydra.launcher.timeout_min=1",
+         "hydra.launcher.signal_delay_s=25", "hydra.launcher.max_num_timeout=5", "experiment=smoke", "algo=dpo",
+         "logger=none", "trainer.max_steps=120", "trainer.max_epochs=-1", "trainer.enable_progress_bar=false"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = [p.parent for p in (runs / "sweeps" / "smoke").rglob("results.json")]
+    log = (run_dir / "riskexp.log").read_text()
+    for step in ("handing SIGUSR2 over to the launcher", "Requeued job", "resuming from"):  # riskexp, submitit, riskexp
+        assert step in log, log[-3000:]
+    assert json.loads((run_dir / "results.json").read_text())["steps"] == 120

@@ -9,8 +9,6 @@ rows [B, 2B) are y_l of the same prompts.
 from __future__ import annotations
 
 import functools
-import gzip
-import json
 import logging
 import math
 import random
@@ -20,83 +18,27 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
-import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
+from riskexp.data.tables import read_rows, read_split
+from riskexp.generation import pad_token_id
 from riskexp.logps import IGNORE_INDEX, pad_rows
+from riskexp.prompts import check_prompt_format, is_messages, prompt_token_ids, uses_chat_template
+from riskexp.resume import EpochShuffle, ResumableLoader
 
 log = logging.getLogger(__name__)
 
-TRUNCATION_MODES = ("keep_end", "keep_start")
+TRUNCATION_MODES = ("keep_end", "keep_start")  # which end of a too-long prompt is kept
+TRUNCATIONS = ("reference", "prompt_room")  # how far responses are cut (see `tokenize_pair`)
 FIXTURE_PREFERENCES = str(Path(__file__).parent / "fixtures" / "preferences.jsonl")
 
 _HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
 _HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 _ASSISTANT_TAG = "\n\nAssistant: "
-_SUFFIXES = (".jsonl.gz", ".json.gz", ".jsonl", ".json", ".parquet")
 
 
 # ----------------------------------------------------------------------------------------------- reading
-
-
-def _suffix(path: Path) -> str | None:
-    name = path.name.lower()
-    return next((s for s in _SUFFIXES if name.endswith(s)), None)
-
-
-def _plain(value: Any) -> Any:
-    """Parquet gives nested columns as numpy arrays and numpy scalars; turn them back into Python objects."""
-    if isinstance(value, np.ndarray):
-        return [_plain(v) for v in value.tolist()]
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
-def _read_rows(path: Path) -> tuple[list[dict], list[str]]:
-    """Read a JSON / JSONL (optionally gzipped) or Parquet file into (rows, column names)."""
-    suffix = _suffix(path)
-    if suffix is None:
-        raise ValueError(f"{path}: unsupported file type; expected one of {', '.join(_SUFFIXES)}")
-    if suffix == ".parquet":
-        frame = pd.read_parquet(path)
-        return [{k: _plain(v) for k, v in row.items()} for row in frame.to_dict("records")], list(
-            frame.columns
-        )
-    # stdlib json keeps strings and nested messages exactly as written (pandas would coerce dtypes)
-    opener = gzip.open if suffix.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        text = f.read()
-    lines = suffix.startswith(".jsonl")
-    if not lines:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError:  # JSON lines under a .json name
-            lines = True
-    if lines:
-        data = [json.loads(line) for line in text.splitlines() if line.strip()]
-    if isinstance(data, dict):  # {"column": [values]} layout, or a single record
-        data = (
-            pd.DataFrame(data).to_dict("records")
-            if all(isinstance(v, list) for v in data.values())
-            else [data]
-        )
-    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-        raise ValueError(f"{path}: expected a list of JSON objects (one record per row)")
-    columns = list(dict.fromkeys(k for row in data for k in row))
-    return data, columns
-
-
-def _check_columns(path: Path, columns: list[str], needed: Iterable[str]) -> None:
-    missing = [c for c in needed if c not in columns]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; columns found: {columns}")
 
 
 def _check_limit(limit: int | None) -> None:
@@ -108,22 +50,11 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
 
 
-def _is_messages(value: Any) -> bool:
-    return (
-        isinstance(value, list)
-        and len(value) > 0
-        and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in value
-        )
-    )
-
-
 def _response_text(value: Any) -> str:
     """A response is a string, or a message list whose last (assistant) message is the response."""
     if isinstance(value, str):
         return value
-    if _is_messages(value) and value[-1]["role"] == "assistant":
+    if is_messages(value) and value[-1]["role"] == "assistant":
         return value[-1]["content"]
     raise ValueError(
         f"response must be a string or a message list ending in an assistant turn, got {value!r:.80}"
@@ -142,7 +73,7 @@ def load_preference_file(
     rejected_key: str = "rejected",
     limit: int | None = None,
 ) -> list[dict]:
-    """Read preference records from a local .jsonl, .jsonl.gz, .json or .parquet file.
+    """Read preference records from a local .jsonl[.gz], .json[.gz] or .parquet file (`riskexp.data.tables`).
 
     Columns `prompt_key`/`chosen_key`/`rejected_key` are renamed to prompt/chosen/rejected. The prompt may be a
     string or a chat message list; a response given as a message list keeps only its final assistant turn.
@@ -150,19 +81,17 @@ def load_preference_file(
     one counted warning. `limit` keeps the first `limit` valid records.
     """
     _check_limit(limit)
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"preference file not found: {path}")
-    rows, columns = _read_rows(file)
     keys = {"prompt": prompt_key, "chosen": chosen_key, "rejected": rejected_key}
-    _check_columns(file, columns, keys.values())
+    rows, _ = read_rows(path, keys.values())
 
     records, skipped, first_error = [], 0, None
     for row in rows:
         try:
             prompt = row.get(prompt_key)
-            if not (isinstance(prompt, str) or _is_messages(prompt)):
+            if not (isinstance(prompt, str) or is_messages(prompt)):
                 raise ValueError(f"prompt must be a string or a message list, got {prompt!r:.80}")
+            if isinstance(prompt, list):  # a struct column gives absent message keys as null: drop them again
+                prompt = [{k: v for k, v in m.items() if v is not None} for m in prompt]
             record = {
                 "prompt": prompt,
                 "chosen": _response_text(row.get(chosen_key)),
@@ -219,19 +148,6 @@ def _hh_record(row: dict) -> dict:
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
-def _hh_local_files(root: Path, split: str) -> list[Path]:
-    """Files of `split` under a directory laid out like the hub repo: `<subset>/train.jsonl.gz`, or
-    `train-00000-of-00001.parquet` shards."""
-    files = {
-        p
-        for p in root.rglob("*")
-        if p.is_file()
-        and (s := _suffix(p)) is not None
-        and (p.name[: -len(s)] == split or p.name.startswith(f"{split}-"))
-    }
-    return sorted(files)
-
-
 def load_hh_rlhf(
     name_or_path: str = "Anthropic/hh-rlhf",
     split: str = "train",
@@ -246,24 +162,7 @@ def load_hh_rlhf(
     counted warning.
     """
     _check_limit(limit)
-    local = Path(name_or_path)
-    if local.exists():
-        root = local / data_dir if data_dir and local.is_dir() else local
-        files = [root] if root.is_file() else _hh_local_files(root, split)
-        if not files:
-            raise FileNotFoundError(f"no '{split}' files (.jsonl[.gz], .json, .parquet) found under {root}")
-        rows: list[dict] = []
-        for file in files:
-            file_rows, columns = _read_rows(file)
-            _check_columns(file, columns, ("chosen", "rejected"))
-            rows.extend(file_rows)
-        source = root
-    else:
-        import datasets  # heavy import, only for the hub path
-
-        rows = datasets.load_dataset(name_or_path, data_dir=data_dir, split=split)
-        source = f"{name_or_path}[{split}]"
-
+    rows, source = read_split(name_or_path, split, data_dir, columns=("chosen", "rejected"))
     records, skipped, first_error = [], 0, None
     for row in rows:
         try:
@@ -281,9 +180,13 @@ def load_hh_rlhf(
 # ------------------------------------------------------------------------------------------ tokenisation
 
 
-def _check_lengths(max_length: int, max_prompt_length: int, truncation_mode: str) -> None:
+def _check_lengths(max_length: int, max_prompt_length: int, truncation_mode: str, truncation: str) -> None:
     if truncation_mode not in TRUNCATION_MODES:
         raise ValueError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {truncation_mode!r}")
+    if truncation not in TRUNCATIONS:
+        raise ValueError(f"truncation={truncation!r} is not accepted: one of {TRUNCATIONS} ('reference': responses "
+                         "cut to max_length - max_prompt_length, as the DPO reference code; 'prompt_room': to "
+                         "max_length - the prompt's length)")
     if not (isinstance(max_prompt_length, int) and max_prompt_length >= 1):
         raise ValueError(f"max_prompt_length must be a positive integer, got {max_prompt_length!r}")
     if not (isinstance(max_length, int) and max_length > max_prompt_length):
@@ -292,49 +195,37 @@ def _check_lengths(max_length: int, max_prompt_length: int, truncation_mode: str
         )
 
 
-def _hh_text(messages: list[dict]) -> str:
-    """Plain HH rendering for tokenizers without a chat template; ends with "\\n\\nAssistant:"."""
-    tags = {"user": "\n\nHuman: ", "assistant": "\n\nAssistant: ", "system": ""}
-    unknown = {m["role"] for m in messages} - tags.keys()
-    if unknown:
-        raise ValueError(f"cannot render roles {sorted(unknown)} as HH text; accepted: {sorted(tags)}")
-    return "".join(tags[m["role"]] + m["content"] for m in messages) + "\n\nAssistant:"
-
-
 def tokenize_pair(
     record: dict,
     tokenizer,
     max_length: int,
     max_prompt_length: int,
     truncation_mode: str = "keep_end",
-    chat: bool = True,
+    prompt_format: str = "chat",
+    truncation: str = "reference",
 ) -> dict:
-    """Tokenise one preference record the way the DPO reference code does.
+    """Tokenise one preference record the way the DPO reference code (`tokenize_batch_element`) does.
 
     Returns `{"chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels": list[int],
     "prompt_length": int}`; input_ids = prompt + response + [eos] (before truncation), labels = input_ids with
-    the prompt positions set to -100. If prompt + the longer response exceeds `max_length`, the prompt is cut to
-    `max_prompt_length` tokens (`keep_end`: its last tokens), then, if still too long, both responses are cut to
-    `max_length - len(prompt)`. `chat=False` renders the prompt as plain text even for a tokenizer with a chat
-    template: continuation tasks (IMDb reviews, RealToxicityPrompts) are text, not conversations.
+    the prompt positions set to -100. The prompt is rendered by `riskexp.prompts.render_prompt(prompt_format)`.
+    If prompt + the longer response exceeds `max_length`, the prompt is cut to `max_prompt_length` tokens
+    (`truncation_mode=keep_end`: its last tokens; `keep_start`: its first); if the pair is still too long, both
+    responses are cut to `max_length - max_prompt_length` tokens (`truncation=reference`, the reference code's
+    rule, which leaves room unused when the prompt is shorter) or to `max_length - len(prompt)`
+    (`truncation=prompt_room`). A cut response loses its eos, as in the reference code.
     """
-    _check_lengths(max_length, max_prompt_length, truncation_mode)
+    _check_lengths(max_length, max_prompt_length, truncation_mode, truncation)
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("tokenizer has no eos_token_id; responses must end with EOS")
     prompt = record["prompt"]
     chosen, rejected = record["chosen"], record["rejected"]
-
-    if chat and getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    elif isinstance(prompt, str):
-        # a continuation: the response follows the prompt text exactly as it was sampled
-        prompt_ids = tokenizer(prompt)["input_ids"]
-    else:
-        prompt_ids = tokenizer(_hh_text(prompt))["input_ids"]
-        # HH text ends with "Assistant:"; the reference responses start with a space
+    prompt_ids = prompt_token_ids(tokenizer, prompt, prompt_format)
+    hh_text = isinstance(prompt, list) and prompt_format in ("chat", "plain")
+    if hh_text and not uses_chat_template(tokenizer, prompt_format):
+        # HH text ends with "Assistant:"; the reference responses start with a space. (A string prompt is a
+        # continuation: the response follows it exactly as it was sampled.)
         chosen, rejected = (r if r[:1].isspace() else " " + r for r in (chosen, rejected))
     # a response cut at a length limit when it was sampled (`*_finished: false`) did not end: no eos
     chosen_ids = tokenizer(chosen, add_special_tokens=False)["input_ids"] + [eos] * record.get("chosen_finished", True)
@@ -346,7 +237,7 @@ def tokenize_pair(
         keep_end = truncation_mode == "keep_end"
         prompt_ids = prompt_ids[-max_prompt_length:] if keep_end else prompt_ids[:max_prompt_length]
     if len(prompt_ids) + longer > max_length:
-        room = max_length - len(prompt_ids)
+        room = max_length - (max_prompt_length if truncation == "reference" else len(prompt_ids))
         chosen_ids, rejected_ids = chosen_ids[:room], rejected_ids[:room]
 
     n = len(prompt_ids)
@@ -394,6 +285,7 @@ class PreferenceDataModule(L.LightningDataModule):
     `source` / `val_source` are zero-argument callables returning records (e.g. a `functools.partial` of a
     loader) or record lists. Without `val_source`, `val_fraction` of the records (at least one) is held out,
     chosen by `random.Random(seed)`; `limit` then caps the training records. Batches come from `collate_pairs`.
+    `prompt_format`, `truncation_mode` and `truncation` are `tokenize_pair`'s.
     """
 
     def __init__(
@@ -411,10 +303,12 @@ class PreferenceDataModule(L.LightningDataModule):
         limit: int | None = None,
         seed: int = 0,
         num_workers: int = 0,
-        chat: bool = True,
+        prompt_format: str = "chat",
+        truncation: str = "reference",
     ):
         super().__init__()
-        _check_lengths(max_length, max_prompt_length, truncation_mode)
+        _check_lengths(max_length, max_prompt_length, truncation_mode, truncation)
+        check_prompt_format(prompt_format)
         eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
         for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
             if not (isinstance(value, int) and value >= 1):
@@ -443,13 +337,14 @@ class PreferenceDataModule(L.LightningDataModule):
         )
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.val_fraction, self.limit, self.seed, self.num_workers = val_fraction, limit, seed, num_workers
-        self.chat = chat
-        pad = tokenizer.pad_token_id
-        self.pad_token_id: int = tokenizer.eos_token_id if pad is None else pad
+        self.prompt_format, self.truncation = prompt_format, truncation
+        self.pad_token_id: int = pad_token_id(tokenizer)
         self.train_records: list[dict] | None = None
         self.val_records: list[dict] | None = None
         self.train_features: list[dict] | None = None
         self.val_features: list[dict] | None = None
+        self._train_loader: ResumableLoader | None = None
+        self._train_progress: dict | None = None  # where a resumed run's training loader starts
 
     @staticmethod
     def _load(source: RecordSource, key: str) -> list[dict]:
@@ -483,7 +378,8 @@ class PreferenceDataModule(L.LightningDataModule):
             max_length=self.max_length,
             max_prompt_length=self.max_prompt_length,
             truncation_mode=self.truncation_mode,
-            chat=self.chat,
+            prompt_format=self.prompt_format,
+            truncation=self.truncation,
         )
         return [{**tok(r), "index": i} for i, r in enumerate(records)]
 
@@ -516,18 +412,29 @@ class PreferenceDataModule(L.LightningDataModule):
         )
 
     def loader(self, features: list[dict], batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(
+        # shuffled (training) batches can be resumed mid-epoch from a checkpoint in the same order
+        return (ResumableLoader if shuffle else DataLoader)(
             features,
             batch_size=batch_size,
-            shuffle=shuffle,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+            sampler=EpochShuffle(len(features), self.seed) if shuffle else None,
             collate_fn=functools.partial(collate_pairs, pad_token_id=self.pad_token_id),
             num_workers=self.num_workers,
         )
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        return self.loader(self.train_features, self.batch_size, shuffle=True)
+        self._train_loader = self.loader(self.train_features, self.batch_size, shuffle=True)
+        if self._train_progress is not None:  # restored from a checkpoint: continue mid-epoch
+            self._train_loader.resume(self._train_progress)
+            self._train_progress = None
+        return self._train_loader
+
+    # Lightning saves these in checkpoints and restores them before the loaders are built (riskexp.resume)
+    def state_dict(self) -> dict:
+        return {"train_loader": self._train_loader.progress()} if self._train_loader is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._train_progress = state.get("train_loader")
 
     def val_dataloader(self) -> DataLoader:
         self.setup()
