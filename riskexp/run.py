@@ -175,13 +175,13 @@ def _train(cfg: DictConfig, out: Path) -> dict:
     trainer = instantiate(trainer_cfg, logger=logger, callbacks=[checkpointing], enable_checkpointing=False,
                           default_root_dir=str(out))
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
-    # Lightning moves the module to the CPU when fit ends; validation and evaluation run where training ran
-    module.to(trainer.strategy.root_device)
     train_metrics = checkpointing.train_metrics  # the last step's, also when it ran before a resume
     if module.validated_at_step == trainer.global_step:
         val_metrics = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     else:  # a last full pass over the validation set with the final weights
         val_metrics = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+    # Lightning moves the module to the CPU when fit (and validate) end: evaluation runs where training ran
+    module.to(trainer.strategy.root_device)
 
     results = flat | {
         "steps": trainer.global_step,

@@ -53,7 +53,7 @@ class ModelConfig:
 class EvalConfig:
     enabled: bool = True
     num_prompts: int = 32
-    samples_per_prompt: int = 1
+    samples_per_prompt: int = 4
     max_new_tokens: int = 32
     temperature: float = 1.0
     top_p: float = 1.0

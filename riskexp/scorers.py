@@ -157,7 +157,7 @@ class VaderSentiment(Scorer):
 
 
 class ProfanityToxicity(Scorer):
-    """alt-profanity-check 1.9.1 P(offensive) in [0, 1] (a cost; keyword-like, see docs/offline_assets)."""
+    """alt-profanity-check 1.9.1 P(offensive) in [0, 1] (a cost; keyword-like: it flags words, not meaning)."""
 
     name = "profanity_toxicity"
     kind = "cost"

@@ -138,3 +138,20 @@ def test_precomputed_reference_gives_dpo_log2_at_the_first_step(smoke_cfg, preci
     assert cached, "the training batch carries the precomputed reference log-probs"
     assert torch.equal(logratios, torch.zeros_like(logratios)), logratios
     assert losses[0] == pytest.approx(math.log(2), abs=1e-7)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_evaluation_after_training_runs_on_the_training_device(smoke_cfg, monkeypatch):
+    """Lightning moves the module to the CPU when fit ends; the evaluation that follows must run on the GPU."""
+    import riskexp.run
+
+    devices = []
+
+    def record(cfg, policy, reference, tokenizer):
+        devices.append({next(policy.parameters()).device.type, next(reference.parameters()).device.type})
+        return {}, []
+
+    monkeypatch.setattr(riskexp.run, "evaluate_task", record)
+    run(smoke_cfg("trainer=gpu", "data=sentiment", "trainer.max_steps=1", "eval.num_prompts=2"))
+    assert devices == [{"cuda"}]
