@@ -18,6 +18,7 @@ from typing import NoReturn, TypeVar
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from riskexp.files import atomic_write_text
@@ -73,6 +74,8 @@ def run_command(command: Callable[[DictConfig], Result], cfg: DictConfig) -> Res
     except ConfigError as error:
         log.error("configuration error: %s", error)
         mark_failed(out, error)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:  # an exit would end the sweep's remaining jobs too
+            raise RunFailed(f"riskexp: configuration error: {error}") from error
         exit_with_config_error(error)
     except Exception as error:
         log.exception("failed: %s: %s", type(error).__name__, error)

@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from riskexp.cli import CONF_DIR, run_command
-from riskexp.results import git_commit, write_results
+from riskexp.results import provenance, write_results
 from riskexp.run import build_logger, evaluate_task, finish_wandb, log_evaluation, output_dir
 from riskexp.schema import ConfigError, validate
 
@@ -43,7 +43,7 @@ def evaluate(cfg: DictConfig) -> dict:
     results = {
         "kind": "eval", "model": cfg.model.name, "policy": cfg.model.path or cfg.model.name,
         "reference": cfg.model.ref_path or cfg.model.name, "data": cfg.data.name, "seed": cfg.seed,
-        "git_commit": git_commit(), "wall_time_s": round(time.time() - started, 2), **metrics,
+        **provenance(cfg), "wall_time_s": round(time.time() - started, 2), **metrics,
     }
     logger = build_logger(cfg, output_dir())
     log_evaluation(logger, metrics, rows, cfg.eval.samples_logged)

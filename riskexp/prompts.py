@@ -11,6 +11,10 @@ import string
 from typing import Any
 
 ACCEPTED = "'chat', 'plain', or a format string whose only field is {prompt}"
+# how a prompt + response too long for max_length is cut (riskexp.data.tokenize_pair); here, beside the prompt
+# rendering, so configs are checked without importing torch
+TRUNCATION_MODES = ("keep_end", "keep_start")  # which end of a too-long prompt is kept
+TRUNCATIONS = ("reference", "prompt_room")  # how far responses are cut
 _HH_TAGS = {"user": "\n\nHuman: ", "assistant": "\n\nAssistant: ", "system": ""}
 
 

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from riskexp.files import atomic_write_text
 
 RESULTS_FILE = "results.json"
+PACKAGE_DIR = str(Path(__file__).resolve().parent)
 
 # Config keys (and everything below them) that do not change a run's results: where things are written, what
 # is logged or shown, what is exported. A finished run is not refused when only these differ, and the report
@@ -40,18 +41,27 @@ def changes_results(key: str) -> bool:
     return not any(key == k or key.startswith(k + ".") for k in NON_RESULT_KEYS)
 
 
-def run_config(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved config as flat dotted keys (`optimizer.lr`, `eval.alphas`), minus NON_RESULT_KEYS.
+def _portable(value: Any) -> Any:
+    # files shipped in the package are recorded as the config writes them, so a finished run is recognised
+    # from another checkout or node
+    if isinstance(value, str) and value.startswith(PACKAGE_DIR + os.sep):
+        return "${rx.package:" + value[len(PACKAGE_DIR) + 1:] + "}"
+    return value
 
-    Values are JSON-native (lists stay whole values, enums become their names), so a config read back from
-    results.json compares equal to the one that wrote it.
+
+def run_config(cfg: DictConfig, complete: bool = False) -> dict[str, Any]:
+    """The resolved config as flat dotted keys (`optimizer.lr`, `eval.alphas`), without `hydra`, and without
+    NON_RESULT_KEYS unless `complete` (the record in results.json is complete; comparisons drop those keys).
+
+    Values are JSON-native (lists stay whole values, enums become their names; paths inside the package stay
+    `${rx.package:...}`), so a config read back from results.json compares equal to the one that wrote it.
     """
     flat: dict[str, Any] = {}
 
     def walk(node: DictConfig, prefix: str) -> None:
         for key in node:
             name = f"{prefix}{key}"
-            if not changes_results(name):
+            if name == "hydra" or not (complete or changes_results(name)):
                 continue
             if OmegaConf.is_missing(node, key):
                 flat[name] = "???"
@@ -62,7 +72,7 @@ def run_config(cfg: DictConfig) -> dict[str, Any]:
             elif isinstance(value, DictConfig | ListConfig):
                 flat[name] = OmegaConf.to_container(value, resolve=True, enum_to_str=True)
             else:
-                flat[name] = value.name if isinstance(value, Enum) else value
+                flat[name] = _portable(value.name if isinstance(value, Enum) else value)
 
     walk(cfg, "")
     return json.loads(json.dumps(flat, default=str))
@@ -101,7 +111,8 @@ def check_same_config(directory: Path, recorded: dict, config: dict) -> None:
     if not isinstance(recorded.get("config"), dict):
         raise ConfigError(f"{path} records no config (written before riskexp recorded one), so it cannot be "
                           f"told whether it was this run; {rerun}, or use a new directory (name=...)")
-    differences = config_differences(recorded["config"], config)
+    recorded_config = {k: v for k, v in recorded["config"].items() if changes_results(k)}
+    differences = config_differences(recorded_config, config)
     if differences:
         raise ConfigError(f"{path} was written by a different config (recorded -> this command):\n"
                           f"{format_differences(differences)}\n{rerun}")
@@ -132,7 +143,7 @@ def git_commit(cwd: Path | None = None) -> str | None:
 
 def provenance(cfg: DictConfig) -> dict[str, Any]:
     """What results.json records beyond the metrics to say which run it was: the command-line overrides,
-    the chosen config-group options, the whole resolved config (run_config), the riskexp version and commit."""
+    the chosen config-group options, the whole resolved config, the riskexp version and commit."""
     from hydra.core.hydra_config import HydraConfig
 
     hydra_cfg = HydraConfig.get()
@@ -140,7 +151,7 @@ def provenance(cfg: DictConfig) -> dict[str, Any]:
         "overrides": list(hydra_cfg.overrides.task),
         "choices": {group: option for group, option in hydra_cfg.runtime.choices.items()
                     if changes_results(group)},
-        "config": run_config(cfg),
+        "config": run_config(cfg, complete=True),
         "riskexp_version": riskexp_version(),
         "git_commit": git_commit(),
     }

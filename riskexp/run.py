@@ -18,7 +18,6 @@ from omegaconf import DictConfig, OmegaConf
 from riskexp.results import (
     archive_results,
     check_same_config,
-    config_differences,
     provenance,
     read_results,
     run_config,
@@ -115,31 +114,34 @@ def run(cfg: DictConfig) -> dict:
     validate(cfg)
     out = output_dir()
     done = read_results(out)
+    config = run_config(cfg)
+    # before any model loads, so that a refusal takes seconds
     if done is not None and not cfg.rerun:
-        check_same_config(out, done, run_config(cfg))  # before any model loads: a refusal takes seconds
+        check_same_config(out, done, config)
         log.info("%s already holds results.json of this config (finished); skipping. "
                  "Pass rerun=true to train again.", out)
         return done
     if done is not None:
         log.info("rerun=true: previous results moved to %s", archive_results(out))
-    if cfg.rerun:  # from scratch: no resuming a checkpoint, a new W&B run
-        from riskexp.resume import forget_run
+    from riskexp.resume import checkpoint_to_resume
 
-        forget_run(out)
+    resume_from = checkpoint_to_resume(out, config, rerun=cfg.rerun, from_scratch=done is not None)
     try:
-        return _train(cfg, out)
+        return _train(cfg, out, resume_from)
     finally:
         finish_wandb()
 
 
-def _train(cfg: DictConfig, out: Path) -> dict:
+def _train(cfg: DictConfig, out: Path, resume_from: Path | None) -> dict:
     import lightning as L
 
     # the frozen reference is in eval mode on purpose
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+    # riskexp's training loader does resume mid-epoch, through the data module's state (riskexp.resume)
+    warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
 
     from riskexp.models import build_policy_and_reference
-    from riskexp.resume import Checkpointing, check_checkpoint_config, last_checkpoint
+    from riskexp.resume import Checkpointing, forget_checkpoint
 
     started = time.time()
     L.seed_everything(cfg.seed, workers=True)
@@ -160,9 +162,6 @@ def _train(cfg: DictConfig, out: Path) -> dict:
         **objective_kwargs,
     )
 
-    checkpoint = last_checkpoint(out)
-    check_checkpoint_config(out, run_config(cfg), config_differences)
-    resume_from = checkpoint if checkpoint.exists() else None
     if resume_from:
         log.info("resuming from %s", resume_from)
     logger = build_logger(cfg, out)
@@ -206,5 +205,5 @@ def _train(cfg: DictConfig, out: Path) -> dict:
         write_results(out, results)
         log.info("results: %s", out / "results.json")
         if not cfg.trainer.keep_checkpoint:  # a finished run is never resumed; its checkpoint is only disk use
-            checkpoint.unlink(missing_ok=True)
+            forget_checkpoint(out)
     return results

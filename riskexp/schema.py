@@ -439,6 +439,16 @@ def validate(cfg: DictConfig, import_targets: bool = True) -> None:
     if "max_length" in data and "max_prompt_length" in data:
         _check(data.max_prompt_length < data.max_length, "data.max_prompt_length", data.max_prompt_length,
                f"must be smaller than data.max_length={data.max_length}")
+    from riskexp.prompts import TRUNCATION_MODES, TRUNCATIONS, check_prompt_format
+
+    if "prompt_format" in data:
+        try:
+            check_prompt_format(data.prompt_format)
+        except ValueError as error:
+            raise ConfigError(f"data.{error}") from None
+    for key, accepted in (("truncation", TRUNCATIONS), ("truncation_mode", TRUNCATION_MODES)):
+        if key in data:
+            _check(data[key] in accepted, f"data.{key}", data[key], f"one of {', '.join(accepted)}")
 
     _check(cfg.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype", cfg.model.dtype,
            "float32, bfloat16 or float16")

@@ -335,6 +335,7 @@ def test_response_truncation_reference_vs_prompt_room(tok):
     assert reference["prompt_length"] == n  # the prompt fits its budget: not cut
     assert reference["rejected_input_ids"] == prompt + rejected[: 40 - 16]
     assert reference["chosen_input_ids"] == prompt + chosen
+    assert reference["truncated"] and not full["truncated"]  # counted in the data module's log line
 
     room = tokenize(max_length=40, max_prompt_length=16, truncation="prompt_room")
     assert room["rejected_input_ids"] == prompt + rejected[: 40 - n] and len(room["rejected_input_ids"]) == 40

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from riskexp.resume import EpochShuffle, ResumableLoader
+from riskexp.resume import EpochShuffle, LoaderProgress, ResumableLoader
 
 REPO = Path(__file__).resolve().parents[1]
 # DPO on the tiny model: fast steps (no vocabulary terms in training); 21 batches per epoch, so 45 steps cross two
@@ -54,11 +54,12 @@ def metrics(results: dict) -> dict:
 
 def test_loader_resumes_mid_epoch_in_the_same_order():
     features = list(range(10))
+
     def batches(loader):
         return [b.tolist() for b in loader]
 
-    def make():
-        return ResumableLoader(features, batch_size=3, sampler=EpochShuffle(len(features), seed=4))
+    def make(progress=None):
+        return ResumableLoader(features, batch_size=3, sampler=EpochShuffle(len(features), seed=4), progress=progress)
 
     loader = make()
     loader.sampler.set_epoch(2)
@@ -67,11 +68,13 @@ def test_loader_resumes_mid_epoch_in_the_same_order():
     loader.sampler.set_epoch(1)
     assert batches(loader) != epoch_two, "each epoch has its own order"
 
-    restarted = make()  # a fresh process: the order depends on (seed, epoch) only
-    restarted.resume({"epoch": 2, "batches_done": 2})
+    progress = LoaderProgress()  # a fresh process: the order depends on (seed, epoch) only
+    progress.restore({"epoch": 2, "batches_done": 2})
+    restarted = make(progress)
     assert batches(restarted) == epoch_two[2:]
+    restarted.sampler.set_epoch(2)
     assert batches(restarted) == epoch_two, "the skip applies to the first iteration after a restore only"
-    assert restarted.progress() == {"epoch": 2, "batches_done": 2}
+    assert progress.state() == {"epoch": 2, "batches_done": 2}
     assert isinstance(epoch_two[0][0], int) and torch.is_tensor(next(iter(make())))
 
 

@@ -24,13 +24,18 @@ from torch.utils.data import DataLoader
 from riskexp.data.tables import read_rows, read_split
 from riskexp.generation import pad_token_id
 from riskexp.logps import IGNORE_INDEX, pad_rows
-from riskexp.prompts import check_prompt_format, is_messages, prompt_token_ids, uses_chat_template
-from riskexp.resume import EpochShuffle, ResumableLoader
+from riskexp.prompts import (
+    TRUNCATION_MODES,
+    TRUNCATIONS,
+    check_prompt_format,
+    is_messages,
+    prompt_token_ids,
+    uses_chat_template,
+)
+from riskexp.resume import EpochShuffle, LoaderProgress, ResumableLoader
 
 log = logging.getLogger(__name__)
 
-TRUNCATION_MODES = ("keep_end", "keep_start")  # which end of a too-long prompt is kept
-TRUNCATIONS = ("reference", "prompt_room")  # how far responses are cut (see `tokenize_pair`)
 FIXTURE_PREFERENCES = str(Path(__file__).parent / "fixtures" / "preferences.jsonl")
 
 _HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
@@ -207,7 +212,7 @@ def tokenize_pair(
     """Tokenise one preference record the way the DPO reference code (`tokenize_batch_element`) does.
 
     Returns `{"chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels": list[int],
-    "prompt_length": int}`; input_ids = prompt + response + [eos] (before truncation), labels = input_ids with
+    "prompt_length": int, "truncated": bool}`; input_ids = prompt + response + [eos] (before truncation), labels = input_ids with
     the prompt positions set to -100. The prompt is rendered by `riskexp.prompts.render_prompt(prompt_format)`.
     If prompt + the longer response exceeds `max_length`, the prompt is cut to `max_prompt_length` tokens
     (`truncation_mode=keep_end`: its last tokens; `keep_start`: its first); if the pair is still too long, both
@@ -233,7 +238,8 @@ def tokenize_pair(
                     + [eos] * record.get("rejected_finished", True))
 
     longer = max(len(chosen_ids), len(rejected_ids))
-    if len(prompt_ids) + longer > max_length:
+    truncated = len(prompt_ids) + longer > max_length
+    if truncated:
         keep_end = truncation_mode == "keep_end"
         prompt_ids = prompt_ids[-max_prompt_length:] if keep_end else prompt_ids[:max_prompt_length]
     if len(prompt_ids) + longer > max_length:
@@ -241,7 +247,7 @@ def tokenize_pair(
         chosen_ids, rejected_ids = chosen_ids[:room], rejected_ids[:room]
 
     n = len(prompt_ids)
-    out: dict[str, Any] = {"prompt_length": n}
+    out: dict[str, Any] = {"prompt_length": n, "truncated": truncated}
     for name, response in (("chosen", chosen_ids), ("rejected", rejected_ids)):
         out[f"{name}_input_ids"] = prompt_ids + response
         out[f"{name}_labels"] = [IGNORE_INDEX] * n + response
@@ -343,8 +349,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self.val_records: list[dict] | None = None
         self.train_features: list[dict] | None = None
         self.val_features: list[dict] | None = None
-        self._train_loader: ResumableLoader | None = None
-        self._train_progress: dict | None = None  # where a resumed run's training loader starts
+        self.train_progress = LoaderProgress()  # where the training loader stands: saved and restored with checkpoints
 
     @staticmethod
     def _load(source: RecordSource, key: str) -> list[dict]:
@@ -398,12 +403,9 @@ class PreferenceDataModule(L.LightningDataModule):
             raise ValueError(f"{self.name}: empty split ({len(train)} train / {len(val)} val records)")
         self.train_records, self.val_records = train, val
         self.train_features, self.val_features = self._tokenize(train), self._tokenize(val)
-        n_cut = sum(
-            len(f["chosen_input_ids"]) == self.max_length or len(f["rejected_input_ids"]) == self.max_length
-            for f in self.train_features
-        )
+        n_cut = sum(f["truncated"] for f in self.train_features)
         log.info(
-            "%s: %d train / %d val pairs (%d train pairs at max_length=%d)",
+            "%s: %d train / %d val pairs (%d train pairs truncated to max_length=%d)",
             self.name,
             len(train),
             len(val),
@@ -413,28 +415,24 @@ class PreferenceDataModule(L.LightningDataModule):
 
     def loader(self, features: list[dict], batch_size: int, shuffle: bool) -> DataLoader:
         # shuffled (training) batches can be resumed mid-epoch from a checkpoint in the same order
-        return (ResumableLoader if shuffle else DataLoader)(
-            features,
-            batch_size=batch_size,
-            sampler=EpochShuffle(len(features), self.seed) if shuffle else None,
-            collate_fn=functools.partial(collate_pairs, pad_token_id=self.pad_token_id),
-            num_workers=self.num_workers,
-        )
+        common = dict(batch_size=batch_size, num_workers=self.num_workers,
+                      collate_fn=functools.partial(collate_pairs, pad_token_id=self.pad_token_id))
+        if not shuffle:
+            return DataLoader(features, **common)
+        return ResumableLoader(features, sampler=EpochShuffle(len(features), self.seed),
+                               progress=self.train_progress, **common)
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        self._train_loader = self.loader(self.train_features, self.batch_size, shuffle=True)
-        if self._train_progress is not None:  # restored from a checkpoint: continue mid-epoch
-            self._train_loader.resume(self._train_progress)
-            self._train_progress = None
-        return self._train_loader
+        return self.loader(self.train_features, self.batch_size, shuffle=True)
 
     # Lightning saves these in checkpoints and restores them before the loaders are built (riskexp.resume)
     def state_dict(self) -> dict:
-        return {"train_loader": self._train_loader.progress()} if self._train_loader is not None else {}
+        return {"train_loader": self.train_progress.state()}
 
     def load_state_dict(self, state: dict) -> None:
-        self._train_progress = state.get("train_loader")
+        if "train_loader" in state:  # continue mid-epoch
+            self.train_progress.restore(state["train_loader"])
 
     def val_dataloader(self) -> DataLoader:
         self.setup()
