@@ -26,8 +26,11 @@ def evaluate(cfg: DictConfig) -> dict:
         raise ConfigError(f"data={cfg.data.name!r} has no generation task; accepted: data=sentiment, data=toxicity")
     import lightning as L
 
+    from riskexp.console import tidy_third_party_output
     from riskexp.evaluation import format_comparison
     from riskexp.models import build_policy_and_reference, inference_device
+
+    tidy_third_party_output()
 
     started = time.time()
     L.seed_everything(cfg.seed)

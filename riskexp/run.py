@@ -135,6 +135,9 @@ def run(cfg: DictConfig) -> dict:
 def _train(cfg: DictConfig, out: Path, resume_from: Path | None) -> dict:
     import lightning as L
 
+    from riskexp.console import tidy_third_party_output
+
+    tidy_third_party_output()
     # the frozen reference is in eval mode on purpose
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
     # riskexp's training loader does resume mid-epoch, through the data module's state (riskexp.resume)

@@ -132,6 +132,13 @@ def test_multirun_writes_one_results_per_job_in_one_sweep_dir(tmp_path):
     # each job finished its own offline W&B run (an unfinished run would swallow the next job's logging)
     offline_runs = sorted(sweep.glob("*/wandb/offline-run-*"))
     assert len(offline_runs) == 2 and offline_runs[0].parent.parent != offline_runs[1].parent.parent
+    # each Lightning line once (Hydra prints it; Lightning's own console handler is gone), no harmless notices
+    output = result.stdout + result.stderr
+    assert not [line for line in output.splitlines() if line.startswith("INFO: ")], output[-3000:]
+    for noise in ("litlogger", "limit_val_batches", "val_check_interval", "LeafSpec", "anonymous setting",
+                  "`srun` command is available"):
+        assert noise not in output, noise
+    assert output.count("GPU available") == 2  # once per job
     # relaunching the same sweep skips the finished jobs
     again, _ = riskexp("--multirun", "experiment=smoke", "algo=dpo", "risk=cvar", "alpha=0.05,0.1",
                        "trainer.max_steps=1", runs_dir=tmp_path)
