@@ -151,12 +151,13 @@ class RaDPOConfig(TDPOConfig):
 def register_schemas() -> None:
     cs = ConfigStore.instance()
     cs.store(name="riskexp_schema", node=RiskexpConfig)
-    cs.store(group="schema/risk", name="mean", node=MeanRiskConfig)
-    cs.store(group="schema/risk", name="cvar", node=CVaRRiskConfig)
-    cs.store(group="schema/risk", name="entropic", node=EntropicRiskConfig)
+    # root-level names, not a group: `--help` lists only the groups a user chooses from
+    cs.store(name="risk_mean_schema", node=MeanRiskConfig)
+    cs.store(name="risk_cvar_schema", node=CVaRRiskConfig)
+    cs.store(name="risk_entropic_schema", node=EntropicRiskConfig)
     for name, node in (("sft", SFTConfig), ("dpo", DPOConfig), ("ipo", IPOConfig), ("tdpo", TDPOConfig),
                        ("ra_dpo", RaDPOConfig)):
-        cs.store(group="schema/algo", name=name, node=node)
+        cs.store(name=f"algo_{name}_schema", node=node)
 
 
 # --- resolvers used in conf/ -----------------------------------------------------------------------------

@@ -156,3 +156,16 @@ def test_issue_sweeps_algo_by_risk_and_alpha_by_beta(tmp_path):
                         "beta=0.1,0.5", "name=alpha_beta", "logger=none", runs_dir=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(results_under(tmp_path / "sweeps" / "alpha_beta")) == 4
+
+
+@pytest.mark.parametrize("module, usage", [("riskexp", "python -m riskexp [group=option"),
+                                           ("riskexp.eval", "python -m riskexp.eval data="),
+                                           ("riskexp.data.build", "python -m riskexp.data.build data=")])
+def test_help_opens_with_usage_and_lists_only_user_facing_groups(module, usage):
+    result = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("riskexp: ") and usage in result.stdout
+    groups = result.stdout.split("== Configuration groups ==")[1].split("== Config ==")[0]
+    assert "algo: dpo, ipo, ra_dpo, sft, tdpo" in groups and "risk: cvar, entropic, mean" in groups
+    assert "schema" not in groups
