@@ -7,7 +7,12 @@ handler of its own to the `lightning` logger when imported, so each of its INFO 
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
+
+import lightning as L
+
+log = logging.getLogger("riskexp")
 
 # Lightning's notices that say nothing about this run: an advert, and the echo of settings riskexp chose itself
 LIGHTNING_NOTICES = (
@@ -29,8 +34,6 @@ class _DropNotices(logging.Filter):
 
 def tidy_third_party_output() -> None:
     """Call after importing lightning: one copy of each Lightning line, and its notices above silenced."""
-    import lightning  # noqa: F401  (its import adds the console handler removed here)
-
     if logging.getLogger().handlers:  # Hydra (or the caller) already prints every record
         lightning_logger = logging.getLogger("lightning")
         for handler in list(lightning_logger.handlers):
@@ -42,6 +45,26 @@ def tidy_third_party_output() -> None:
             source.addFilter(_DropNotices())
     for message in WARNINGS:
         warnings.filterwarnings("ignore", message=message)
+    if not sys.stderr.isatty():  # carriage-return bars would fill log files and redirected output with junk
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+
+
+class StepLines(L.Callback):
+    """Without a progress bar (output that is not a terminal), one log line every `log_every_n_steps` optimizer
+    steps: `step 12/24  train/loss=0.6931`."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.progress_bar_callback is not None or trainer.global_step == self._logged_at:
+            return
+        if trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
+            self._logged_at = trainer.global_step
+            total = trainer.max_steps if trainer.max_steps > 0 else int(trainer.estimated_stepping_batches)
+            loss = trainer.callback_metrics.get("train/loss")
+            log.info("step %d/%d%s", trainer.global_step, total, f"  train/loss={float(loss):.4f}" if loss is not None else "")
+
+    _logged_at = -1
 
 
 def wandb_logger(**kwargs):

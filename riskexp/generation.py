@@ -151,7 +151,9 @@ def generate(
     cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     with _eval_mode(model), _own_generation_config(model), torch.random.fork_rng(devices=cuda), torch.no_grad():
         torch.manual_seed(seed)
-        for batch in tqdm(_batches([len(x) for x in ids], batch_size), desc="generate", disable=not progress):
+        # disable=None: no bar when the output is not a terminal
+        for batch in tqdm(_batches([len(x) for x in ids], batch_size), desc="generate",
+                          disable=None if progress else True):
             # left padding is done here, not through tokenizer.padding_side: a shared tokenizer is never mutated
             input_ids, mask = pad_rows([ids[i] for i in batch], pad_id, left=True)
             out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),

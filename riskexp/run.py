@@ -135,7 +135,7 @@ def run(cfg: DictConfig) -> dict:
 def _train(cfg: DictConfig, out: Path, resume_from: Path | None) -> dict:
     import lightning as L
 
-    from riskexp.console import tidy_third_party_output
+    from riskexp.console import StepLines, tidy_third_party_output
 
     tidy_third_party_output()
     # the frozen reference is in eval mode on purpose
@@ -174,7 +174,7 @@ def _train(cfg: DictConfig, out: Path, resume_from: Path | None) -> dict:
     # riskexp's own checkpointing replaces Lightning's: one resumable last.ckpt, signals turned into checkpoints
     trainer_cfg = {k: v for k, v in cfg.trainer.items() if k not in RISKEXP_TRAINER_KEYS}
     checkpointing = Checkpointing(out, cfg.trainer.checkpoint_every_n_steps)
-    trainer = instantiate(trainer_cfg, logger=logger, callbacks=[checkpointing], enable_checkpointing=False,
+    trainer = instantiate(trainer_cfg, logger=logger, callbacks=[checkpointing, StepLines()], enable_checkpointing=False,
                           default_root_dir=str(out))
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
     train_metrics = checkpointing.train_metrics  # the last step's, also when it ran before a resume

@@ -15,6 +15,7 @@ import functools
 import inspect
 import os
 import re
+import sys
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
 from pathlib import Path
@@ -223,6 +224,8 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("rx.dirname", run_dirname)
     if not OmegaConf.has_resolver("rx.gpus"):
         OmegaConf.register_new_resolver("rx.gpus", gpus_per_task)
+    if not OmegaConf.has_resolver("rx.terminal"):  # progress bars only where carriage returns draw one
+        OmegaConf.register_new_resolver("rx.terminal", lambda: sys.stderr.isatty())
     if not OmegaConf.has_resolver("rx.package"):
         OmegaConf.register_new_resolver("rx.package", lambda rel: str(PACKAGE_DIR / rel))
 

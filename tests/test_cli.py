@@ -139,6 +139,8 @@ def test_multirun_writes_one_results_per_job_in_one_sweep_dir(tmp_path):
                   "`srun` command is available"):
         assert noise not in output, noise
     assert output.count("GPU available") == 2  # once per job
+    # not a terminal: no carriage-return progress bars, a log line per step instead
+    assert "\r" not in output and output.count("step 1/1  train/loss=") == 2, output[-3000:]
     # relaunching the same sweep skips the finished jobs
     again, _ = riskexp("--multirun", "experiment=smoke", "algo=dpo", "risk=cvar", "alpha=0.05,0.1",
                        "trainer.max_steps=1", runs_dir=tmp_path)
