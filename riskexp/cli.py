@@ -72,8 +72,7 @@ def run_command(command: Callable[[DictConfig], Result], cfg: DictConfig) -> Res
     try:
         result = command(cfg)
     except ConfigError as error:
-        log.error("configuration error: %s", error)
-        mark_failed(out, error)
+        mark_failed(out, error)  # the reason is kept there: on the console the one line below says it
         if HydraConfig.get().mode == RunMode.MULTIRUN:  # an exit would end the sweep's remaining jobs too
             raise RunFailed(f"riskexp: configuration error: {error}") from error
         exit_with_config_error(error)

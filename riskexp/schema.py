@@ -48,6 +48,8 @@ class ModelConfig:
     ref_path: Optional[str] = None  # take the reference from an exported run; null = a copy of the initial policy
     dtype: str = "float32"
     loader: Any = MISSING
+    # installed packages whose files the loader reads (never imported); checked before anything loads
+    requires: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -388,6 +390,20 @@ def check_target_keys(cfg: DictConfig, group: str) -> None:
             _check(_number(value), f"{group}.{key}", value, f"a number ({target}'s {key}, default {default})")
 
 
+def check_required_packages(cfg: DictConfig) -> None:
+    """The packages a model's files come from (`model.requires`), found without importing them: a missing one
+    fails in a second with its install command, not after the imports and the model build."""
+    import importlib.util
+
+    from riskexp.assets import PIP_HINTS
+
+    for package in cfg.model.requires:
+        if importlib.util.find_spec(package) is None:
+            install = PIP_HINTS.get(package, f"pip install {package.replace('_', '-')}")
+            raise ConfigError(f"{_choice(cfg, 'model')} needs the package {package!r}, which is not installed: "
+                              f"{install}")
+
+
 def check_links(cfg: DictConfig) -> None:
     """Keys set apart from the knob they follow (`risk.alpha=0.1` instead of `alpha=0.1`)."""
     for key, knob in LINKED_KEYS.items():
@@ -476,6 +492,7 @@ def validate(cfg: DictConfig, import_targets: bool = True) -> None:
     _check(0 < evaluation.confidence < 1, "eval.confidence", evaluation.confidence, "a probability in (0, 1)")
     _check(evaluation.temperature > 0, "eval.temperature", evaluation.temperature, "must be > 0")
     _check(0 < evaluation.top_p <= 1, "eval.top_p", evaluation.top_p, "must be in (0, 1]")
+    check_required_packages(cfg)
     for key in ("path", "ref_path"):
         path = cfg.model.get(key)
         if path:

