@@ -22,11 +22,11 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from riskexp.files import atomic_write_text
+from riskexp.results import RESULTS_FILE
 from riskexp.schema import ConfigError
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 FAILED_FILE = "failed.json"
-RESULTS_FILE = "results.json"  # riskexp.results.RESULTS_FILE, without importing it here
 
 log = logging.getLogger("riskexp")
 Result = TypeVar("Result")

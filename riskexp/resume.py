@@ -59,6 +59,11 @@ def last_checkpoint(run_dir: Path) -> Path:
     return Path(run_dir) / CHECKPOINT_DIR / LAST_CHECKPOINT
 
 
+def checkpoint_config(run_dir: Path) -> Path:
+    """The resolved config the checkpoint belongs to, beside it."""
+    return last_checkpoint(run_dir).with_name(CHECKPOINT_CONFIG)
+
+
 def _is_rank_zero() -> bool:
     # under DDP every rank runs the command; only rank 0 writes the run directory's bookkeeping files
     from lightning.fabric.utilities.rank_zero import rank_zero_only
@@ -82,7 +87,7 @@ def run_id(run_dir: Path) -> str | None:
 def forget_checkpoint(run_dir: Path) -> None:
     """Drop a run directory's checkpoint and the config it belongs to (the run id stays)."""
     if _is_rank_zero():
-        for path in (last_checkpoint(run_dir), last_checkpoint(run_dir).with_name(CHECKPOINT_CONFIG)):
+        for path in (last_checkpoint(run_dir), checkpoint_config(run_dir)):
             path.unlink(missing_ok=True)
 
 
@@ -96,7 +101,7 @@ def checkpoint_to_resume(run_dir: Path, config: dict, rerun: bool = False, from_
     from riskexp.results import config_differences, format_differences
     from riskexp.schema import ConfigError
 
-    checkpoint, recorded = last_checkpoint(run_dir), last_checkpoint(run_dir).with_name(CHECKPOINT_CONFIG)
+    checkpoint, recorded = last_checkpoint(run_dir), checkpoint_config(run_dir)
     if from_scratch:
         forget_checkpoint(run_dir)
         if _is_rank_zero():
