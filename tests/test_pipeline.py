@@ -97,7 +97,7 @@ def test_eval_command_on_an_exported_policy(tmp_path):
     assert saved["kind"] == "eval" and "eval/reward_cvar" in saved and "ref_eval/reward_cvar" in saved
     assert "eval/reward_cvar/lo" in saved and "eval/delta/reward_mean/hi" in saved
     assert "reward mean" in result.stdout
-    bad = module_cli("riskexp.eval", "model=tiny", "data=fixture", runs_dir=tmp_path)
+    bad = module_cli("riskexp.eval", "model=tiny", "data=fixture", "~data/task", runs_dir=tmp_path)
     assert bad.returncode == 2 and "data='fixture' has no generation task" in bad.stderr
 
 

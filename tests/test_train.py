@@ -7,7 +7,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from riskexp.run import run
+from riskexp.run import datamodule_config, run
 
 FAST = ["trainer.max_steps=2", "data.max_length=32", "data.max_prompt_length=16", "save_policy=true"]
 
@@ -62,7 +62,7 @@ def test_checkpoint_holds_policy_only_and_reference_stays_frozen(smoke_cfg, tmp_
         policy=policy, reference=reference, objective=instantiate(cfg.algo.objective),
         risk=instantiate(cfg.risk), optimizer=instantiate(cfg.optimizer), scheduler=instantiate(cfg.scheduler),
     )
-    datamodule = instantiate(cfg.data, tokenizer=tokenizer)
+    datamodule = instantiate(datamodule_config(cfg), tokenizer=tokenizer)
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False,
@@ -91,7 +91,7 @@ def test_precomputed_reference_logps_match_the_live_reference(smoke_cfg):
     policy, reference, tokenizer = build_policy_and_reference(instantiate(cfg.model.loader, _partial_=True))
     module = instantiate(cfg.algo.module)(policy=policy, reference=reference, objective=instantiate(cfg.algo.objective),
                                           optimizer=instantiate(cfg.optimizer), precompute_ref_logps=True)
-    datamodule = instantiate(cfg.data, tokenizer=tokenizer)
+    datamodule = instantiate(datamodule_config(cfg), tokenizer=tokenizer)
     datamodule.setup("fit")
     module.attach_reference_logps(datamodule)
     batch = next(iter(datamodule.train_dataloader()))
@@ -133,7 +133,7 @@ def test_precomputed_reference_gives_dpo_log2_at_the_first_step(smoke_cfg, preci
     trainer = L.Trainer(max_steps=1, accelerator="cpu", precision=precision, logger=False, enable_progress_bar=False,
                         enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0,
                         num_sanity_val_steps=0, callbacks=[FirstLoss()])
-    trainer.fit(module, datamodule=instantiate(cfg.data, tokenizer=tokenizer))
+    trainer.fit(module, datamodule=instantiate(datamodule_config(cfg), tokenizer=tokenizer))
     (cached, logratios), = seen
     assert cached, "the training batch carries the precomputed reference log-probs"
     assert torch.equal(logratios, torch.zeros_like(logratios)), logratios
