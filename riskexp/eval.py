@@ -16,18 +16,25 @@ from omegaconf import DictConfig
 
 from riskexp.cli import CONF_DIR, run_command
 from riskexp.results import provenance, write_results
-from riskexp.run import build_logger, evaluate_task, finish_wandb, log_evaluation, output_dir
+from riskexp.run import (
+    build_logger,
+    evaluate_task,
+    finish_wandb,
+    log_evaluation,
+    output_dir,
+    print_comparison,
+)
 from riskexp.schema import ConfigError, validate
 
 
 def evaluate(cfg: DictConfig) -> dict:
     validate(cfg)
     if not cfg.data.get("task"):
-        raise ConfigError(f"data={cfg.data.name!r} has no generation task; accepted: data=sentiment, data=toxicity")
+        raise ConfigError(f"data={cfg.data.name!r} has no generation task; accepted: data=sentiment, "
+                          "data=toxicity, or data/task=sentiment|toxicity with any data")
     import lightning as L
 
     from riskexp.console import tidy_third_party_output
-    from riskexp.evaluation import format_comparison
     from riskexp.models import build_policy_and_reference, inference_device
 
     tidy_third_party_output()
@@ -51,16 +58,16 @@ def evaluate(cfg: DictConfig) -> dict:
     logger = build_logger(cfg, output_dir())
     log_evaluation(logger, metrics, rows, cfg.eval.samples_logged)
     write_results(output_dir(), results)
-    print(format_comparison(results), flush=True)
     return results
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
 def main(cfg: DictConfig) -> None:
     try:
-        run_command(evaluate, cfg)
+        results = run_command(evaluate, cfg)
     finally:
         finish_wandb()
+    print_comparison(cfg, results, f"{results['policy']} against {results['reference']} on {cfg.data.name}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ prompts for both models, so the prompt-to-prompt variation they share cancels ou
 from __future__ import annotations
 
 import logging
+import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -124,6 +125,7 @@ class Draws:
     reward: Tensor
     cost: Tensor | None
     log_ratio: Tensor  # log pi_model - log pi_reference of each completion (0 without a distinct reference)
+    length: Tensor  # new tokens of each completion
 
 
 def _statistics(levels: Sequence[float], cost_threshold: float) -> dict[str, Statistic]:
@@ -136,10 +138,13 @@ def _statistics(levels: Sequence[float], cost_threshold: float) -> dict[str, Sta
         "reward": lambda values: tail_statistics(values, levels, "lower"),
         "cost": cost,
         "log_ratio": lambda values: {"kl": values.mean(-1)},  # on the model's own samples: KL(model || reference)
+        "length": lambda values: {"mean": values.mean(-1)},
     }
 
 
-_STEMS = {"reward": "reward_", "cost": "cost_", "log_ratio": ""}
+_STEMS = {"reward": "reward_", "cost": "cost_", "log_ratio": "", "length": "length_"}
+# kinds whose change against the reference gets a paired interval (the reference's KL to itself is 0)
+_CHANGED = ("reward", "cost", "length")
 
 
 def _named(prefix: str, kind: str, values: dict[str, float]) -> dict[str, float]:
@@ -177,10 +182,10 @@ def sample_and_score(
 ) -> tuple[dict[str, float], list[dict], Draws]:
     """Sample `samples_per_prompt` completions per prompt from `model`, score them, and describe them.
 
-    Returns (metrics, rows, draws): metrics `{prefix}/distinct_1|2`, `{prefix}/length_mean` (new tokens),
-    `{prefix}/perplexity` on `heldout_texts` when given; rows `{"prompt", "completion", "reward", "cost"}`, K per
-    prompt in the prompts' order (cost None without a scorer); draws the per-completion reward, cost and
-    log pi_model - log pi_reference (zero when the reference is None or the model itself) as (N, K).
+    Returns (metrics, rows, draws): metrics `{prefix}/distinct_1|2`, `{prefix}/perplexity` on `heldout_texts`
+    when given; rows `{"prompt", "completion", "reward", "cost"}`, K per prompt in the prompts' order (cost None
+    without a scorer); draws the per-completion reward, cost, log pi_model - log pi_reference (zero when the
+    reference is None or the model itself) and length in new tokens, as (N, K).
     """
     prompts = list(prompts)
     if not prompts:
@@ -213,7 +218,6 @@ def sample_and_score(
     metrics = {
         f"{prefix}/distinct_1": distinct_n(completions, 1),
         f"{prefix}/distinct_2": distinct_n(completions, 2),
-        f"{prefix}/length_mean": sum(samples.lengths) / len(repeated),
     }
     if heldout_texts:
         metrics[f"{prefix}/perplexity"] = perplexity(model, tokenizer, heldout_texts, batch_size=batch_size)
@@ -221,7 +225,9 @@ def sample_and_score(
         {"prompt": p, "completion": c, "reward": rewards[i].item(), "cost": None if costs is None else costs[i].item()}
         for i, (p, c) in enumerate(zip(repeated, completions))
     ]
-    draws = Draws(rewards.view(-1, k), None if costs is None else costs.view(-1, k), log_ratio.view(-1, k))
+    lengths = torch.tensor(samples.lengths, dtype=torch.float64)
+    draws = Draws(rewards.view(-1, k), None if costs is None else costs.view(-1, k), log_ratio.view(-1, k),
+                  lengths.view(-1, k))
     return metrics, rows, draws
 
 
@@ -245,8 +251,9 @@ def evaluate_model(
 
     Returns (metrics, rows): `sample_and_score`'s, and `{prefix}/reward_mean|var|cvar` (headline level
     `alpha`) with `reward_var@a|cvar@a` for `alpha` and each of `alphas`, the same for the cost plus
-    `{prefix}/cost_rate` (share of costs > cost_threshold) when a cost scorer is given, and `{prefix}/kl` (mean
-    log pi_model - log pi_reference over the model's own samples), each with its bootstrap interval `/lo`,
+    `{prefix}/cost_rate` (share of costs > cost_threshold) when a cost scorer is given, `{prefix}/kl` (mean
+    log pi_model - log pi_reference over the model's own samples) and `{prefix}/length_mean` (new tokens),
+    each with its bootstrap interval `/lo`,
     `/hi` (`bootstrap_samples` prompt resamples seeded by `seed`, at `confidence`).
     """
     metrics, rows, draws = sample_and_score(model, reference, tokenizer, prompts, seed=seed, prefix=prefix, **sampling)
@@ -284,7 +291,7 @@ def compare(
     index = resample_prompts(draws.reward.shape[0], bootstrap_samples, seed)
     out = _summarise(ref_draws, statistics, index, confidence, "ref_eval") | ref_metrics
     out |= _summarise(draws, statistics, index, confidence, "eval") | metrics
-    for kind in ("reward", "cost"):
+    for kind in _CHANGED:
         new, old = getattr(draws, kind), getattr(ref_draws, kind)
         if new is not None:
             change = bootstrap(paired_change(statistics[kind]), [new, old], index, confidence)
@@ -294,21 +301,28 @@ def compare(
     return out, rows
 
 
-# (label, metric name under ref_eval/ and eval/)
+# (label, metric name under ref_eval/ and eval/, what it is counted over); {level} is the headline eval.alpha
 _TABLE = [
-    ("reward mean", "reward_mean"),
-    ("reward CVaR", "reward_cvar"),
-    ("reward VaR", "reward_var"),
-    ("cost mean", "cost_mean"),
-    ("cost CVaR", "cost_cvar"),
-    ("cost rate", "cost_rate"),
-    ("KL to reference", "kl"),
-    ("distinct-2", "distinct_2"),
-    ("perplexity", "perplexity"),
-    ("length (tokens)", "length_mean"),
+    ("reward mean", "reward_mean", "samples"),
+    ("reward CVaR@{level}", "reward_cvar", "samples"),
+    ("reward VaR@{level}", "reward_var", "samples"),
+    ("cost mean", "cost_mean", "samples"),
+    ("cost CVaR@{level}", "cost_cvar", "samples"),
+    ("cost rate", "cost_rate", "samples"),
+    ("KL to reference", "kl", "samples"),
+    ("length (tokens)", "length_mean", "samples"),
+    ("distinct-2", "distinct_2", "samples"),
+    ("perplexity", "perplexity", "texts"),
 ]
 # preference accuracies on the validation pairs: only the trained policy has one
 _ACCURACIES = [("implicit accuracy", "val/implicit_accuracy"), ("reward accuracy", "val/reward_accuracy")]
+# the counts behind the rows, as `evaluate_task` and training record them
+_COUNTS = {
+    "samples": lambda r: f"n={r['eval_prompts']} prompts x {r['eval_samples_per_prompt']}"
+    if "eval_prompts" in r and "eval_samples_per_prompt" in r else "",
+    "texts": lambda r: f"n={r['eval_heldout_texts']} texts" if "eval_heldout_texts" in r else "",
+    "pairs": lambda r: f"n={r['val_pairs']} val pairs" if "val_pairs" in r else "",
+}
 
 
 def _fmt(value: float, digits: int = 4, sign: str = "") -> str:
@@ -327,28 +341,48 @@ def _cell(metrics: dict, key: str, sign: str = "") -> str:
     return f"{_fmt(value, sign=sign)} [{_fmt(lo, 3, sign)}, {_fmt(hi, 3, sign)}]"
 
 
-def format_comparison(metrics: dict) -> str:
-    """A plain-text table: metric | reference | trained | change, for the metrics present in `metrics`, with
-    bootstrap intervals in brackets; the change's is the paired one (`eval/delta/...`) where there is one."""
+def _label(label: str, counted: str, results: dict, level: float | None) -> str:
+    label = label.format(level="" if level is None else f"{level:g}").rstrip("@")
+    count = _COUNTS[counted](results)
+    return f"{label} ({count})" if count else label
+
+
+def format_comparison(results: dict, level: float | None = None, confidence: float | None = None) -> str:
+    """A plain-text table: metric | reference | trained | change, for the metrics present in `results`, with
+    bootstrap intervals in brackets (the change's from the paired bootstrap, `eval/delta/...`), each row named
+    with its level (`level`: the headline eval.alpha) and counts (`eval_prompts`, `eval_samples_per_prompt`,
+    `eval_heldout_texts`, `val_pairs` in `results`), then a legend of the intervals and accuracies."""
     rows = []
-    for label, name in _TABLE:
+    for label, name, counted in _TABLE:
         ref_key, new_key = f"ref_eval/{name}", f"eval/{name}"
-        if ref_key not in metrics and new_key not in metrics:
+        if ref_key not in results and new_key not in results:
             continue
-        if f"eval/delta/{name}" in metrics:
-            change = _cell(metrics, f"eval/delta/{name}", "+")
-        elif ref_key in metrics and new_key in metrics:
-            change = _fmt(float(metrics[new_key]) - float(metrics[ref_key]), sign="+")
+        if f"eval/delta/{name}" in results:
+            change = _cell(results, f"eval/delta/{name}", "+")
+        elif name == "kl" and new_key in results:  # the reference's KL to itself is 0: the change is the KL
+            change = _cell(results, new_key, "+")
+        elif ref_key in results and new_key in results:
+            change = _fmt(float(results[new_key]) - float(results[ref_key]), sign="+")
         else:
             change = "-"
-        rows.append((label, _cell(metrics, ref_key), _cell(metrics, new_key), change))
-    for label, key in _ACCURACIES:
-        if key in metrics:
-            rows.append((label, "-", _cell(metrics, key), "-"))
+        rows.append((_label(label, counted, results, level), _cell(results, ref_key), _cell(results, new_key),
+                     change))
+    accuracies = [(_label(label, "pairs", results, None), "-", _cell(results, key), "-")
+                  for label, key in _ACCURACIES if key in results]
     header = ("metric", "reference", "trained", "change")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+    widths = [max(len(r[i]) for r in [header, *rows, *accuracies]) for i in range(4)]
 
     def line(cells) -> str:  # metric names left-aligned, numbers right-aligned
         return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
-    return "\n".join([line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows)])
+    percent = "" if confidence is None else f"{confidence:.0%} "
+    legend = [f"[ ]: {percent}bootstrap interval over prompts; change = trained - reference, with the paired "
+              "interval (the same resampled prompts for both models); distinct-2 and perplexity have none."] if rows else []
+    if accuracies:
+        legend.append("accuracies: share of the validation pairs whose chosen response the trained policy ranks "
+                      "above the rejected one, by the DPO implicit reward beta*log(pi/pi_ref) (implicit accuracy; "
+                      "comparable across methods) or by the method's own reward (reward accuracy; TDPO and Ra-DPO "
+                      "add their token-level term).")
+    width = max(sum(widths) + 6, 100)
+    return "\n".join([line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows + accuracies),
+                      *(textwrap.fill(text, width, subsequent_indent="  ") for text in legend)])

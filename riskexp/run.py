@@ -54,15 +54,27 @@ def datamodule_config(cfg: DictConfig) -> dict:
             for k, v in cfg.data.items() if k not in ("task", "build")}
 
 
+def _take(items: list, requested: int, key: str, what: str) -> list:
+    """The first `requested` items, saying once when the task has fewer than requested."""
+    if len(items) < requested:
+        log.warning("%s=%d but the task has %d %s: evaluating on all %d", key, requested, len(items), what,
+                    len(items))
+    return items[:requested]
+
+
 def evaluate_task(cfg: DictConfig, policy, reference, tokenizer) -> tuple[dict, list[dict]]:
     """Sample, score and compare the policy with the reference on the task's held-out prompts: tails at the
-    headline `eval.alpha` and at each of `eval.alphas` and the run's own `alpha`, with bootstrap intervals."""
+    headline `eval.alpha` and at each of `eval.alphas` and the run's own `alpha`, with bootstrap intervals.
+    The metrics carry the counts they are over: `eval_prompts`, `eval_samples_per_prompt`, `eval_heldout_texts`."""
     from riskexp.evaluation import compare
 
     task, settings = cfg.data.task, cfg.eval
-    prompts = instantiate(task.prompts)[: settings.num_prompts]
-    heldout = instantiate(task.heldout_texts)[: settings.num_heldout_texts] if task.get("heldout_texts") else None
-    return compare(
+    prompts = _take(instantiate(task.prompts), settings.num_prompts, "eval.num_prompts", "held-out prompts")
+    heldout = _take(instantiate(task.heldout_texts), settings.num_heldout_texts, "eval.num_heldout_texts",
+                    "held-out texts") if task.get("heldout_texts") else None
+    counts = {"eval_prompts": len(prompts), "eval_samples_per_prompt": settings.samples_per_prompt,
+              **({"eval_heldout_texts": len(heldout)} if heldout else {})}
+    metrics, rows = compare(
         policy, reference, tokenizer, prompts,
         reward=instantiate(task.reward),
         cost=instantiate(task.cost) if task.get("cost") else None,
@@ -80,6 +92,26 @@ def evaluate_task(cfg: DictConfig, policy, reference, tokenizer) -> tuple[dict, 
         seed=cfg.seed,
         prompt_format=cfg.data.prompt_format,
     )
+    return metrics | counts, rows
+
+
+def print_comparison(cfg: DictConfig, results: dict, title: str) -> None:
+    """The end-of-run table of a run that evaluated, printed last (after the W&B summary)."""
+    if "eval/reward_mean" not in results:
+        return
+    from riskexp.evaluation import format_comparison
+
+    table = format_comparison(results, level=cfg.eval.alpha, confidence=cfg.eval.confidence)
+    print(f"\n{title}\n{table}\n", flush=True)
+
+
+def saves_policy(cfg: DictConfig) -> bool:
+    """`save_policy`, where null means: single runs export the policy, sweep jobs do not (disk use)."""
+    if cfg.save_policy is not None:
+        return cfg.save_policy
+    from hydra.types import RunMode
+
+    return HydraConfig.get().mode != RunMode.MULTIRUN
 
 
 def log_evaluation(logger, metrics: dict, rows: list[dict], n_rows: int) -> None:
@@ -127,9 +159,11 @@ def run(cfg: DictConfig) -> dict:
 
     resume_from = checkpoint_to_resume(out, config, rerun=cfg.rerun, from_scratch=done is not None)
     try:
-        return _train(cfg, out, resume_from)
+        results = _train(cfg, out, resume_from)
     finally:
         finish_wandb()
+    print_comparison(cfg, results, f"{cfg.algo.name} on {cfg.data.name}, {out}")
+    return results
 
 
 def _train(cfg: DictConfig, out: Path, resume_from: Path | None) -> dict:
@@ -143,6 +177,7 @@ def _train(cfg: DictConfig, out: Path, resume_from: Path | None) -> dict:
     # riskexp's training loader does resume mid-epoch, through the data module's state (riskexp.resume)
     warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
 
+    from riskexp.knobs import inert_knobs
     from riskexp.models import build_policy_and_reference
     from riskexp.resume import Checkpointing, forget_checkpoint
 
@@ -189,6 +224,8 @@ def _train(cfg: DictConfig, out: Path, resume_from: Path | None) -> dict:
         "steps": trainer.global_step,
         "status": "finished",
         **provenance(cfg),  # overrides, choices, config, riskexp_version, git_commit
+        "inert": inert_knobs(cfg),  # knobs this training never reads (alpha and risk for DPO)
+        "val_pairs": len(datamodule.val_features),
         "wall_time_s": round(time.time() - started, 2),
         "output_dir": str(out),
         **{k: float(v) for k, v in train_metrics.items()},
@@ -198,10 +235,7 @@ def _train(cfg: DictConfig, out: Path, resume_from: Path | None) -> dict:
         metrics, rows = evaluate_task(cfg, module.policy, module.reference, tokenizer)
         results |= metrics
         log_evaluation(logger, metrics, rows, cfg.eval.samples_logged)
-        from riskexp.evaluation import format_comparison
-
-        print(f"\n{cfg.algo.name} on {cfg.data.name}, {out}\n{format_comparison(results)}\n", flush=True)
-    if cfg.save_policy and trainer.is_global_zero:
+    if saves_policy(cfg) and trainer.is_global_zero:
         policy.save_pretrained(out / "policy")
         tokenizer.save_pretrained(out / "policy")
     if trainer.is_global_zero:

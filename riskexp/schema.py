@@ -77,7 +77,8 @@ class RiskexpConfig:
     seed: int = 0
     name: str = "default"  # names the run directory runs/<name>/... and the W&B group
     rerun: bool = False  # a finished run directory (with results.json) is skipped unless rerun=true
-    save_policy: bool = True  # export the trained policy to <run>/policy (a later run's model.path)
+    # export the trained policy to <run>/policy (a later run's model.path); null: single runs only
+    save_policy: Optional[bool] = None
     tags: list[str] = field(default_factory=list)
     algo: Any = MISSING  # typed by the option's own schema (conf/algo/*.yaml defaults), as risk
     risk: Any = MISSING
@@ -516,7 +517,9 @@ def check_imported_targets(cfg: DictConfig) -> None:
 
 class ValidateSweep(Callback):
     """Hydra callback (`hydra.callbacks` in conf/config.yaml): at the start of a --multirun, compose and
-    `validate` the config of every job, so `alpha=0.1,1.5` fails in seconds, not after the first job trained."""
+    `validate` the config of every job, so `alpha=0.1,1.5` fails in seconds, not after the first job trained;
+    warn about swept keys the training never reads (`riskexp.knobs.sweep_warnings`); at the end, print the
+    command that tabulates the sweep."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from hydra import compose
@@ -536,3 +539,14 @@ class ValidateSweep(Callback):
                     check(cfg)
                 except ConfigError as error:
                     exit_with_config_error(error, f" in sweep job {' '.join(job)}")
+        from riskexp.knobs import sweep_warnings
+
+        swept = [o.key_or_group for o in overrides if o.is_sweep_override()]
+        values = [{key: value for key, _, value in (o.partition("=") for o in job) if key.lstrip("+~") in swept}
+                  for job, _ in jobs]
+        for warning in sweep_warnings([(v, cfg) for v, (_, cfg) in zip(values, jobs)]):
+            print(f"riskexp: warning: {warning}", file=sys.stderr, flush=True)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = config.hydra.sweep.dir
+        print(f"riskexp: sweep done; tables and plots: riskexp report {sweep_dir}", file=sys.stderr, flush=True)

@@ -1,4 +1,5 @@
 import copy
+import logging
 from statistics import NormalDist
 
 import pytest
@@ -208,7 +209,7 @@ def test_compare_and_format(tiny, other):
     for text in ("metric", "reference", "trained", "reward mean", "reward CVaR", "cost rate", "KL", "distinct-2",
                  "implicit accuracy"):
         assert text in table
-    assert "perplexity" not in table  # no heldout texts given
+    assert not any(line.startswith("perplexity") for line in table.splitlines())  # no heldout texts given
     mean_row = next(line for line in table.splitlines() if line.startswith("reward mean"))
     assert mean_row.count("[") == 3  # reference, trained and the paired change each with an interval
 
@@ -218,7 +219,8 @@ def test_a_model_against_an_identical_copy_changes_nothing(tiny):
     metrics, _ = compare(model, copy.deepcopy(model), tok, PROMPTS[:2], reward=length_reward, cost=e_cost,
                          bootstrap_samples=100, **GEN)
     deltas = {k: v for k, v in metrics.items() if k.startswith("eval/delta/")}
-    assert len(deltas) == 3 * 2 * (1 + 2 * 2) + 3  # reward and cost: mean, var, cvar, @0.1; cost rate
+    # reward and cost: mean, var, cvar, @0.1; cost rate; length, each with its interval
+    assert len(deltas) == 3 * 2 * (1 + 2 * 2) + 3 + 3
     assert all(v == 0.0 for v in deltas.values()), deltas
     assert metrics["eval/kl"] == metrics["eval/kl/lo"] == metrics["eval/kl/hi"] == 0.0
 
@@ -234,6 +236,40 @@ def test_evaluate_task_headline_is_eval_alpha_and_the_run_alpha_is_a_level(smoke
     for level in ("0.05", "0.25", "0.95"):
         assert f"eval/reward_cvar@{level}" in metrics and f"eval/delta/reward_cvar@{level}/hi" in metrics
     assert_intervals(metrics, "eval", ["reward_mean", "reward_cvar", "reward_cvar@0.95", "kl"])
+    assert (metrics["eval_prompts"], metrics["eval_samples_per_prompt"], metrics["eval_heldout_texts"]) == (3, 2, 2)
+
+
+def test_evaluate_task_says_once_when_fewer_prompts_exist_than_requested(smoke_cfg, caplog):
+    cfg = smoke_cfg("data=sentiment", "eval.num_prompts=10000", "eval.samples_per_prompt=1", "eval.max_new_tokens=2",
+                    "eval.num_heldout_texts=2", "eval.bootstrap_samples=10")
+    model, tok = instantiate(cfg.model.loader)
+    n_prompts = len(instantiate(cfg.data.task.prompts))
+    with caplog.at_level(logging.WARNING, logger="riskexp.run"):
+        metrics, _ = evaluate_task(cfg, model, model, tok)
+    assert metrics["eval_prompts"] == n_prompts < 10000
+    said = [r.getMessage() for r in caplog.records if "eval.num_prompts" in r.getMessage()]
+    assert said == [f"eval.num_prompts=10000 but the task has {n_prompts} held-out prompts: evaluating on all "
+                    f"{n_prompts}"]
+
+
+def test_the_end_of_run_table_names_levels_counts_and_intervals_and_explains_the_accuracies():
+    point = {"eval/reward_mean": 0.3, "ref_eval/reward_mean": 0.2, "eval/reward_cvar": -0.4,
+             "ref_eval/reward_cvar": -0.5, "eval/kl": 1.5, "ref_eval/kl": 0.0, "eval/distinct_2": 0.6,
+             "ref_eval/distinct_2": 0.7, "val/implicit_accuracy": 0.75, "val/reward_accuracy": 0.5}
+    intervals = {f"{k}/{b}": v + (0.1 if b == "hi" else -0.1) for k, v in point.items() if "distinct" not in k
+                 and not k.startswith("val/") for b in ("lo", "hi")}
+    deltas = {"eval/delta/reward_mean": 0.1, "eval/delta/reward_mean/lo": 0.02, "eval/delta/reward_mean/hi": 0.18}
+    counts = {"eval_prompts": 30, "eval_samples_per_prompt": 4, "val_pairs": 15}
+    table = format_comparison(point | intervals | deltas | counts, level=0.1, confidence=0.95).splitlines()
+    rows = {line.split("  ")[0]: line for line in table[2:] if "  " in line}
+    assert rows.keys() >= {"reward mean (n=30 prompts x 4)", "reward CVaR@0.1 (n=30 prompts x 4)",
+                           "KL to reference (n=30 prompts x 4)", "implicit accuracy (n=15 val pairs)",
+                           "reward accuracy (n=15 val pairs)"}
+    assert rows["reward mean (n=30 prompts x 4)"].count("[") == 3  # reference, trained, paired change
+    assert rows["KL to reference (n=30 prompts x 4)"].endswith("+1.5 [+1.4, +1.6]")  # the reference's is 0
+    text = "\n".join(table)
+    assert "95% bootstrap interval over prompts" in text and "implicit reward beta*log(pi/pi_ref)" in text
+    assert max(map(len, table[len(rows) + 2:])) <= 100  # the legend is wrapped
 
 
 def test_build_pairs(tiny, tmp_path):
