@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from riskexp.formatting import METRIC_LABELS, format_estimate
 from riskexp.generation import completion_logps, generate, pad_token_id, perplexity
 from riskexp.risk import check_alpha, cvar_lower, cvar_upper, var_lower, var_upper
 
@@ -301,21 +302,21 @@ def compare(
     return out, rows
 
 
-# (label, metric name under ref_eval/ and eval/, what it is counted over); {level} is the headline eval.alpha
+# (metric name under ref_eval/ and eval/, what it is counted over), labelled by formatting.METRIC_LABELS
 _TABLE = [
-    ("reward mean", "reward_mean", "samples"),
-    ("reward CVaR@{level}", "reward_cvar", "samples"),
-    ("reward VaR@{level}", "reward_var", "samples"),
-    ("cost mean", "cost_mean", "samples"),
-    ("cost CVaR@{level}", "cost_cvar", "samples"),
-    ("cost rate", "cost_rate", "samples"),
-    ("KL to reference", "kl", "samples"),
-    ("length (tokens)", "length_mean", "samples"),
-    ("distinct-2", "distinct_2", "samples"),
-    ("perplexity", "perplexity", "texts"),
+    ("reward_mean", "samples"),
+    ("reward_cvar", "samples"),
+    ("reward_var", "samples"),
+    ("cost_mean", "samples"),
+    ("cost_cvar", "samples"),
+    ("cost_rate", "samples"),
+    ("kl", "samples"),
+    ("length_mean", "samples"),
+    ("distinct_2", "samples"),
+    ("perplexity", "texts"),
 ]
 # preference accuracies on the validation pairs: only the trained policy has one
-_ACCURACIES = [("implicit accuracy", "val/implicit_accuracy"), ("reward accuracy", "val/reward_accuracy")]
+_ACCURACIES = ["implicit_accuracy", "reward_accuracy"]
 # the counts behind the rows, as `evaluate_task` and training record them
 _COUNTS = {
     "samples": lambda r: f"n={r['eval_prompts']} prompts x {r['eval_samples_per_prompt']}"
@@ -325,24 +326,13 @@ _COUNTS = {
 }
 
 
-def _fmt(value: float, digits: int = 4, sign: str = "") -> str:
-    value = float(value)
-    return f"{value:{sign}.1f}" if abs(value) >= 1000 else f"{value:{sign}.{digits}g}"
-
-
 def _cell(metrics: dict, key: str, sign: str = "") -> str:
-    """`0.2381 [0.191, 0.287]`: the value and its interval when it has one; `-` when absent."""
-    value = metrics.get(key)
-    if value is None:
-        return "-"
-    lo, hi = metrics.get(f"{key}/lo"), metrics.get(f"{key}/hi")
-    if lo is None or hi is None:
-        return _fmt(value, sign=sign)
-    return f"{_fmt(value, sign=sign)} [{_fmt(lo, 3, sign)}, {_fmt(hi, 3, sign)}]"
+    """`0.238 [0.191, 0.287]`: the value and its interval when it has one; `-` when absent."""
+    return format_estimate(metrics.get(key), lo=metrics.get(f"{key}/lo"), hi=metrics.get(f"{key}/hi"), sign=sign)
 
 
-def _label(label: str, counted: str, results: dict, level: float | None) -> str:
-    label = label.format(level="" if level is None else f"{level:g}").rstrip("@")
+def _label(name: str, counted: str, results: dict, level: float | None) -> str:
+    label = METRIC_LABELS[name].format(level="" if level is None else f"{level:g}").rstrip("@")
     count = _COUNTS[counted](results)
     return f"{label} ({count})" if count else label
 
@@ -353,7 +343,7 @@ def format_comparison(results: dict, level: float | None = None, confidence: flo
     with its level (`level`: the headline eval.alpha) and counts (`eval_prompts`, `eval_samples_per_prompt`,
     `eval_heldout_texts`, `val_pairs` in `results`), then a legend of the intervals and accuracies."""
     rows = []
-    for label, name, counted in _TABLE:
+    for name, counted in _TABLE:
         ref_key, new_key = f"ref_eval/{name}", f"eval/{name}"
         if ref_key not in results and new_key not in results:
             continue
@@ -362,13 +352,13 @@ def format_comparison(results: dict, level: float | None = None, confidence: flo
         elif name == "kl" and new_key in results:  # the reference's KL to itself is 0: the change is the KL
             change = _cell(results, new_key, "+")
         elif ref_key in results and new_key in results:
-            change = _fmt(float(results[new_key]) - float(results[ref_key]), sign="+")
+            change = format_estimate(float(results[new_key]) - float(results[ref_key]), sign="+")
         else:
             change = "-"
-        rows.append((_label(label, counted, results, level), _cell(results, ref_key), _cell(results, new_key),
+        rows.append((_label(name, counted, results, level), _cell(results, ref_key), _cell(results, new_key),
                      change))
-    accuracies = [(_label(label, "pairs", results, None), "-", _cell(results, key), "-")
-                  for label, key in _ACCURACIES if key in results]
+    accuracies = [(_label(name, "pairs", results, None), "-", _cell(results, f"val/{name}"), "-")
+                  for name in _ACCURACIES if f"val/{name}" in results]
     header = ("metric", "reference", "trained", "change")
     widths = [max(len(r[i]) for r in [header, *rows, *accuracies]) for i in range(4)]
 

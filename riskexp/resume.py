@@ -89,6 +89,9 @@ def forget_checkpoint(run_dir: Path) -> None:
     if _is_rank_zero():
         for path in (last_checkpoint(run_dir), checkpoint_config(run_dir)):
             path.unlink(missing_ok=True)
+        folder = last_checkpoint(run_dir).parent
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def checkpoint_to_resume(run_dir: Path, config: dict, rerun: bool = False, from_scratch: bool = False) -> Path | None:
@@ -231,7 +234,7 @@ class Checkpointing(L.Callback):
             return
         self._saved_at_step = trainer.global_step
         tmp = self.path.with_name(f".{LAST_CHECKPOINT}.tmp")
-        trainer.save_checkpoint(tmp)
+        trainer.save_checkpoint(tmp, weights_only=False)  # the whole state: optimizer, loops, loader progress
         if trainer.is_global_zero:
             os.replace(tmp, self.path)
         trainer.strategy.barrier("riskexp_checkpoint")

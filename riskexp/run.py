@@ -182,6 +182,7 @@ def _train(cfg: DictConfig, out: Path, resume_from: Path | None) -> dict:
     from riskexp.resume import Checkpointing, forget_checkpoint
 
     started = time.time()
+    inert = inert_knobs(cfg)  # before anything is instantiated: instantiation resolves interpolations in place
     L.seed_everything(cfg.seed, workers=True)
     risk = instantiate(cfg.risk)
     objective = instantiate(cfg.algo.objective)
@@ -224,7 +225,7 @@ def _train(cfg: DictConfig, out: Path, resume_from: Path | None) -> dict:
         "steps": trainer.global_step,
         "status": "finished",
         **provenance(cfg),  # overrides, choices, config, riskexp_version, git_commit
-        "inert": inert_knobs(cfg),  # knobs this training never reads (alpha and risk for DPO)
+        "inert": inert,  # knobs this training never reads (alpha and risk for DPO)
         "val_pairs": len(datamodule.val_features),
         "wall_time_s": round(time.time() - started, 2),
         "output_dir": str(out),

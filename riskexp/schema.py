@@ -55,7 +55,7 @@ class ModelConfig:
 @dataclass
 class EvalConfig:
     enabled: bool = True
-    num_prompts: int = 32
+    num_prompts: int = 30
     samples_per_prompt: int = 4
     max_new_tokens: int = 32
     temperature: float = 1.0

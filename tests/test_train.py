@@ -28,6 +28,11 @@ def test_every_algo_trains_and_writes_results(smoke_cfg, tmp_path, algo):
     assert saved["algo"] == algo and saved["steps"] == 2 and saved["risk"] == "cvar" and saved["alpha"] == 0.5
     if algo == "ra_dpo":
         assert "val/risk_ratio_chosen" in saved
+    # what training never read, recorded from the config as composed (instantiation resolves it in place)
+    assert saved["inert"] == ([] if algo == "ra_dpo" else ["alpha", "risk"])
+    # the smoke preset evaluates on a few sentiment prompts, and says how many
+    assert saved["eval_prompts"] == 6 and saved["eval_samples_per_prompt"] == 2 and saved["val_pairs"] == 6
+    assert "eval/reward_cvar/lo" in saved and "eval/delta/length_mean" in saved
     # the exported policy differs from the initial (reference) weights: every parameter moved
     from riskexp.models import from_pretrained
 
