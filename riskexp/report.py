@@ -299,7 +299,6 @@ def _missing(value) -> bool:
         not isinstance(value, str) and bool(pd.isna(value)))
 
 
-
 def _fmt_key(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
