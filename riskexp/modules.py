@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from riskexp.logps import SequenceStats, sequence_stats
 from riskexp.models import hidden_and_head
-from riskexp.objectives import implicit_reward_accuracy
+from riskexp.objectives import implicit_reward_accuracy, kto_kl_anchor
 from riskexp.risk import Mean, RiskMeasure
 
 REFERENCE_PREFIX = "reference."
@@ -215,6 +215,107 @@ class PreferenceModule(PolicyModule):
                 for i, index in enumerate(batch["index"].tolist()):
                     values[index] = (ref_logps[i].item(), ref_logps[half + i].item())
             datamodule.attach_reference_logps(split, values)
+
+
+class KTOModule(PolicyModule):
+    """KTO (`riskexp.objectives.KTO`) on unpaired batches (`riskexp.data.collate_completions`, `data.unpaired`),
+    with automatic optimisation, as TRL's `KTOTrainer` runs it (SACPO's safety step).
+
+    Each step runs the policy with gradients and the reference under no_grad on the N real rows, and both under
+    no_grad on the N mismatched rows (prompt_i, another row's completion), whose mean log-ratio, averaged over
+    ranks and clamped at 0, is the KL anchor z0 (`kto_kl_anchor`). The loss is the mean of the N
+    per-completion losses. `undesirable_weight=auto` is resolved in `setup` from the data module's
+    `label_counts()` (the training split), before the first step and again, identically, on a resume.
+    `risk` (the across-samples role) gives `val/margin_risk`, the lower tail of the validation margins
+    rho - z0 (desirable) and z0 - rho (undesirable).
+    """
+
+    def __init__(
+        self,
+        policy: nn.Module,
+        reference: nn.Module,
+        objective,
+        optimizer: Callable,
+        scheduler: Callable | None = None,
+        risk: RiskMeasure | None = None,
+        chunk_size: int = 64,
+    ):
+        super().__init__(policy, reference, optimizer, scheduler)
+        if reference is None:
+            raise ValueError("KTO needs a reference model")
+        self.objective = objective
+        self.risk = risk if risk is not None else Mean()
+        self.chunk_size = chunk_size
+        self._val_margins: list[Tensor] = []
+
+    def setup(self, stage: str) -> None:
+        if not self.objective.needs_label_counts:
+            return
+        datamodule = self.trainer.datamodule
+        if datamodule is None or not getattr(datamodule, "unpaired", False):
+            raise ValueError("algo.undesirable_weight=auto counts the training split's labels: it needs an "
+                             "unpaired data module (data.unpaired=true)")
+        self.objective.set_label_counts(*datamodule.label_counts())
+
+    def _logratios(self, batch: dict[str, Tensor], prefix: str = "") -> tuple[Tensor, SequenceStats]:
+        rows = {"input_ids": batch[f"{prefix}input_ids"], "attention_mask": batch[f"{prefix}attention_mask"]}
+        policy_hidden, policy_head = hidden_and_head(self.policy, rows)
+        with torch.no_grad():
+            ref_hidden, ref_head = hidden_and_head(self.reference, rows)
+        stats = sequence_stats(policy_hidden, batch[f"{prefix}labels"], ref_hidden, policy_head=policy_head,
+                               ref_head=ref_head, chunk_size=self.chunk_size)
+        return stats.logratios, stats
+
+    def _gather(self, value: Tensor) -> Tensor:
+        # every rank's z0 (TRL: accelerator.gather); one process has only its own
+        if self._trainer is None or self.trainer.world_size == 1:
+            return value
+        return self.all_gather(value)
+
+    def kl_anchor(self, batch: dict[str, Tensor]) -> Tensor:
+        """z0 from the batch's mismatched rows, under no_grad (TRL computes them so): ()."""
+        with torch.no_grad():
+            kl_logratios, _ = self._logratios(batch, prefix="kl_")
+        return kto_kl_anchor(kl_logratios, self._gather)
+
+    def _step(self, batch: dict[str, Tensor], stage: str) -> tuple[Tensor, Tensor]:
+        z0 = self.kl_anchor(batch)
+        logratios, stats = self._logratios(batch)
+        desirable = batch["desirable"]
+        out = self.objective(logratios, desirable, z0)
+        loss = out.losses.mean()
+        n = desirable.shape[0]
+        sync = stage != "train"
+        metrics = {"kl_anchor": (z0, n), "label_accuracy": ((out.margins > 0).float().mean(), n)}
+        if stage == "train":
+            # the resolved weight (auto: n_desirable / n_undesirable) reaches results.json as train/undesirable_weight
+            metrics["undesirable_weight"] = (z0.new_tensor(float(self.objective.undesirable_weight)), n)
+        policy_logps = stats.policy_logps.detach()
+        for name, rows in (("desirable", desirable), ("undesirable", ~desirable)):
+            count = int(rows.sum())
+            if count:  # a batch may hold one kind only: its mean is left out, not logged as nan
+                metrics[f"reward_{name}"] = (out.rewards[rows].mean(), count)
+                metrics[f"logp_{name}"] = (policy_logps[rows].mean(), count)
+        for key, (value, count) in metrics.items():
+            self.log(f"{stage}/{key}", value.detach().float(), batch_size=count, sync_dist=sync)
+        self.log(f"{stage}/loss", loss.detach(), prog_bar=True, batch_size=n, sync_dist=sync)
+        return loss, out.margins
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss, _ = self._step(batch, "train")
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        _, margins = self._step(batch, "val")
+        self._val_margins.append(margins.float())
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        if not self._val_margins:
+            return
+        margins = self.all_gather(torch.cat(self._val_margins)).flatten()
+        self._val_margins.clear()
+        self.log("val/margin_risk", self.risk.lower_tail(margins), sync_dist=False, rank_zero_only=True)
 
 
 class SFTModule(PolicyModule):

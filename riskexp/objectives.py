@@ -4,12 +4,16 @@ Shapes: B preference pairs. Inputs are per-pair sums over response tokens (see `
     chosen_logratios / rejected_logratios  (B,)  sum_t log pi_theta(y_t|s_t) - log pi_ref(y_t|s_t)
     chosen_term / rejected_term            (B,)  TDPO: sequential KL D_SeqKL; Ra-DPO: sequential risk ratio D_SeqRR
 Losses are returned per pair (B,); the training step averages them (the DPO/TDPO repos' reduction).
+KTO is unpaired: N completions with (N,) log-ratios, (N,) bool labels (desirable) and a scalar KL anchor z0; its
+losses are per completion (N,), averaged by the step (TRL's reduction).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -190,3 +194,107 @@ def implicit_reward_accuracy(chosen_logratios: Tensor, rejected_logratios: Tenso
     unlike each method's own reward (TDPO/Ra-DPO include their term in it). (B,) -> ()."""
     return (chosen_logratios > rejected_logratios).float().mean()
 
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Unpaired objectives: N completions, each desirable or undesirable, and a KL anchor
+# ---------------------------------------------------------------------------------------------------------
+
+
+def kto_loss(
+    logratios: Tensor,
+    desirable: Tensor,
+    z0: Tensor,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> Tensor:
+    """KTO (Ethayarajh et al. 2024, eq. 8; TRL's `KTOTrainer.kto_loss`). (N,), (N,) bool, () -> (N,).
+
+    rho = logratios, the summed log pi_theta - log pi_ref over each completion's tokens; z0 the KL anchor:
+        desirable y:    w_d (1 - sigma(beta (rho - z0)))
+        undesirable y:  w_u (1 - sigma(beta (z0 - rho)))
+    z0 is a reference point, not a term to optimise: it is detached here (the paper back-propagates through
+    rho only), so a z0 computed from the policy gives the gradients of the same value supplied as a constant.
+    """
+    sign = desirable.to(logratios.dtype) * 2 - 1  # +1 desirable, -1 undesirable
+    weights = logratios.new_full(logratios.shape, undesirable_weight).masked_fill(desirable, desirable_weight)
+    # 1 - sigma(x) = sigma(-x), exact in floating point where 1 - sigma(x) cancels
+    return weights * torch.sigmoid(-beta * sign * (logratios - z0.detach()))
+
+
+def kto_kl_anchor(kl_logratios: Tensor, gather: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """KTO's KL anchor z0 from the log-ratios of mismatched (prompt_i, completion_j) rows. (M,) -> ().
+
+    The batch mean, detached, averaged over ranks by `gather` (a function returning every rank's value, e.g.
+    `LightningModule.all_gather`; None on one process), then clamped at 0: TRL's
+    `gather(mean(policy_KL_logps - reference_KL_logps)).mean().clamp(min=0)`. A KL is never negative; the
+    estimate from a few mismatched rows can be."""
+    z0 = kl_logratios.detach().mean()
+    if gather is not None:
+        z0 = gather(z0).mean()
+    return z0.clamp(min=0)
+
+
+@dataclass
+class UnpairedOutput:
+    losses: Tensor  # (N,) per-completion loss
+    rewards: Tensor  # (N,) detached, beta rho
+    margins: Tensor  # (N,) detached, rho - z0 for desirable and z0 - rho for undesirable: what the loss raises
+
+
+AUTO = "auto"
+
+
+def _check_weight(key: str, value, allow_auto: bool = False):
+    if allow_auto and value == AUTO:
+        return AUTO
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
+        accepted = "a number >= 0" + (" or auto (n_desirable / n_undesirable of the training split)" if allow_auto
+                                      else "")
+        raise ValueError(f"algo.{key}={value!r} is not accepted: {accepted}")
+    return float(value)
+
+
+class KTO:
+    """KTO on unpaired completions, as SACPO's safety step runs it (TRL `KTOTrainer`).
+
+    `undesirable_weight="auto"` is SACPO's `n_desirable / n_undesirable` (`src/train/safety_kto.py`), counted on
+    the training split: `KTOModule.setup` passes the data module's `label_counts()` to `set_label_counts`
+    before the first step, and the objective refuses to run until then."""
+
+    uses_vocab_terms = False
+    vocab_risk = None
+
+    def __init__(self, beta: float, desirable_weight: float = 1.0, undesirable_weight: float | str = 1.0):
+        self.beta = _check_beta(beta)
+        self.desirable_weight = _check_weight("desirable_weight", desirable_weight)
+        self.undesirable_weight_setting = _check_weight("undesirable_weight", undesirable_weight, allow_auto=True)
+        self.undesirable_weight: float | None = (
+            None if self.undesirable_weight_setting == AUTO else self.undesirable_weight_setting)
+        if self.desirable_weight == 0 and self.undesirable_weight == 0:
+            raise ValueError("algo.desirable_weight and algo.undesirable_weight are both 0: the loss would be 0")
+
+    @property
+    def needs_label_counts(self) -> bool:
+        return self.undesirable_weight_setting == AUTO
+
+    def set_label_counts(self, n_desirable: int, n_undesirable: int) -> None:
+        """Resolve `undesirable_weight=auto` to n_desirable / n_undesirable (the training split's counts); a
+        no-op for a numeric weight."""
+        if not self.needs_label_counts:
+            return
+        if n_desirable < 1 or n_undesirable < 1:
+            raise ValueError(f"algo.undesirable_weight=auto needs desirable and undesirable training completions; "
+                             f"the training split has {n_desirable} desirable and {n_undesirable} undesirable")
+        self.undesirable_weight = n_desirable / n_undesirable
+
+    def __call__(self, logratios: Tensor, desirable: Tensor, z0: Tensor) -> UnpairedOutput:
+        """(N,) log-ratios rho, (N,) bool labels and the () anchor z0 -> per-completion losses and metrics."""
+        if self.undesirable_weight is None:
+            raise RuntimeError("algo.undesirable_weight=auto is resolved from the training split's label counts: "
+                               "call KTO.set_label_counts(n_desirable, n_undesirable) first (KTOModule.setup does)")
+        losses = kto_loss(logratios, desirable, z0, self.beta, self.desirable_weight, self.undesirable_weight)
+        rho = logratios.detach()
+        margins = torch.where(desirable, rho - z0.detach(), z0.detach() - rho)
+        return UnpairedOutput(losses=losses, rewards=self.beta * rho, margins=margins)

@@ -67,7 +67,7 @@ def test_finished_directory_is_skipped_for_its_config_and_refused_for_another(sm
     assert saved["config"] == run_config(smoke_cfg(*overrides), complete=True)
     assert saved["config"]["optimizer.lr"] == 1e-3 and saved["config"]["logger._target_"] is None  # whole config
     assert run_config(smoke_cfg(*overrides)).items() < saved["config"].items()
-    assert saved["config"]["data.source.path"] == "${rx.package:data/fixtures/preferences.jsonl}"  # portable
+    assert saved["config"]["data.source.name_or_path"] == "${rx.package:data/fixtures/safety_preferences.jsonl}"  # portable
     assert saved["choices"]["algo"] == "dpo" and saved["choices"]["model"] == "tiny"
     assert not any(group.startswith(("hydra", "logger")) for group in saved["choices"])
     assert saved["riskexp_version"] == metadata.version("riskexp") and "git_commit" in saved

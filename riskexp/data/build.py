@@ -1,16 +1,19 @@
-"""Building a preference set from a model's own samples (best-of-k vs worst-of-k under a reward).
+"""Building a preference set from a model's own samples.
 
     python -m riskexp.data.build data=sentiment model=smollm2_135m data.build.k=4 seed=0
 
-For each prompt, k completions are sampled and scored with score = reward - cost_weight * cost; the best
-becomes `chosen` and the worst `rejected`. Prompts whose k scores are all equal carry no preference and are
-skipped. The records are what `riskexp.data.preference.load_preference_file` reads. The samples come from the
+For each prompt, k completions are sampled and scored by the task's reward (and cost); `data.build.rows` turns
+them into rows: `best_vs_worst` (score = reward - cost_weight * cost; the best becomes `chosen`, the worst
+`rejected`; what `riskexp.data.preference.load_preference_file` reads) or `safety_rows` (two responses with
+helpfulness and harmlessness labels in the PKU-SafeRLHF schema; what `riskexp.data.safety` reads). Prompts whose
+samples all score alike carry no preference and are skipped. The samples come from the
 base model of `model=`, or from an exported policy with `model.path=runs/<...>/policy`; on a GPU when there is one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -28,7 +31,22 @@ from riskexp.schema import ConfigError, validate
 Scorer = Callable[[list[str], list[str]], torch.Tensor]
 
 
-def build_pairs(
+@dataclass
+class ScoredSamples:
+    """k sampled completions per prompt with their scores; sample j*k + i is prompt j's i-th completion."""
+
+    prompts: list[str]
+    k: int
+    completions: list[str]
+    rewards: torch.Tensor  # (N k,)
+    costs: torch.Tensor | None  # (N k,) or None without a cost scorer
+    finished: list[bool]  # ended with eos (not cut at max_new_tokens)
+
+    def group(self, j: int) -> range:
+        return range(j * self.k, (j + 1) * self.k)
+
+
+def sample_and_score(
     model,
     tokenizer,
     prompts: Sequence[str],
@@ -36,23 +54,16 @@ def build_pairs(
     *,
     k: int = 4,
     cost: Scorer | None = None,
-    cost_weight: float = 0.0,
     max_new_tokens: int = 48,
     temperature: float = 1.0,
     top_p: float = 1.0,
     batch_size: int = 32,
     seed: int = 0,
     prompt_format: str = "plain",
-) -> list[dict]:
-    """Best-vs-worst of k samples per prompt, as preference records in the prompts' order.
-
-    Records: `prompt, chosen, rejected, chosen_score, rejected_score, chosen_reward, rejected_reward`, plus
-    `chosen_cost, rejected_cost` when a cost scorer is given. Deterministic under `seed`.
-    """
+) -> ScoredSamples:
+    """k samples per prompt, scored by `reward` (and `cost`); deterministic under `seed`."""
     if not isinstance(k, int) or k < 2:
         raise ValueError(f"k={k!r}: a pair needs at least 2 samples per prompt")
-    if cost is None and cost_weight:
-        raise ValueError(f"cost_weight={cost_weight} but no cost scorer was given")
     prompts = list(prompts)
     # one batched call over the prompts repeated k times: copies of a prompt share a length, so they share
     # batches and pad nothing; sampling makes the copies differ
@@ -61,23 +72,32 @@ def build_pairs(
         model, tokenizer, repeated, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
         do_sample=True, batch_size=batch_size, seed=seed, prompt_format=prompt_format,
     )
-    completions = samples.texts
-    rewards = score_with(reward, repeated, completions, "reward")
-    costs = score_with(cost, repeated, completions, "cost") if cost is not None else None
-    scores = rewards - cost_weight * costs if costs is not None else rewards
+    rewards = score_with(reward, repeated, samples.texts, "reward")
+    costs = score_with(cost, repeated, samples.texts, "cost") if cost is not None else None
+    return ScoredSamples(prompts, k, samples.texts, rewards, costs, list(samples.finished))
 
+
+def best_vs_worst(samples: ScoredSamples, cost_weight: float = 0.0) -> list[dict]:
+    """Preference records: per prompt, the best vs the worst sample under score = reward - cost_weight * cost.
+
+    Records: `prompt, chosen, rejected, chosen_score, rejected_score, chosen_reward, rejected_reward`, plus
+    `chosen_cost, rejected_cost` when there are costs. Prompts whose k scores are all equal are skipped.
+    """
+    if samples.costs is None and cost_weight:
+        raise ValueError(f"cost_weight={cost_weight} but no cost scorer was given")
+    rewards, costs = samples.rewards, samples.costs
+    scores = rewards - cost_weight * costs if costs is not None else rewards
     records = []
-    for j, prompt in enumerate(prompts):
-        span = slice(j * k, (j + 1) * k)
-        group = scores[span]
+    for j, prompt in enumerate(samples.prompts):
+        group = samples.group(j)
         # argmax / argmin take the first of tied samples, so ties do not depend on anything but the seed
-        best, worst = j * k + int(group.argmax()), j * k + int(group.argmin())
+        best, worst = group[int(scores[group].argmax())], group[int(scores[group].argmin())]
         if scores[best] == scores[worst]:
             continue
         record = {
             "prompt": prompt,
-            "chosen": completions[best],
-            "rejected": completions[worst],
+            "chosen": samples.completions[best],
+            "rejected": samples.completions[worst],
             "chosen_score": scores[best].item(),
             "rejected_score": scores[worst].item(),
             "chosen_reward": rewards[best].item(),
@@ -92,6 +112,43 @@ def build_pairs(
     return records
 
 
+def safety_rows(samples: ScoredSamples, unsafe_above: float = 0.5) -> list[dict]:
+    """PKU-SafeRLHF rows (`riskexp.data.safety`): per prompt, response_0 = the most helpful sample (highest
+    reward) and response_1 = the safest of the others (lowest cost; the least helpful when the most helpful is
+    also the safest), labelled `better_response_id` by reward, `safer_response_id` by cost and
+    `is_response_k_safe` = cost <= `unsafe_above`, with `reward_k`, `cost_k`, `finished_k`. Ties label 0. A
+    prompt whose samples all score alike is skipped."""
+    if samples.costs is None:
+        raise ValueError("safety rows need a cost scorer (data.task.cost)")
+    rewards, costs = samples.rewards, samples.costs
+    rows = []
+    for j, prompt in enumerate(samples.prompts):
+        group = samples.group(j)
+        helpful = group[int(rewards[group].argmax())]
+        others = [i for i in group if i != helpful]
+        safest = min(others, key=lambda i: (costs[i].item(), -rewards[i].item()))
+        if costs[safest] >= costs[helpful]:  # the most helpful is the safest too: pair it with the least helpful
+            safest = min(others, key=lambda i: rewards[i].item())
+        pair = (helpful, safest)
+        if rewards[helpful] == rewards[safest] and costs[helpful] == costs[safest]:
+            continue
+        row = {"prompt": prompt, **{f"response_{n}": samples.completions[i] for n, i in enumerate(pair)}}
+        row |= {f"is_response_{n}_safe": bool(costs[i] <= unsafe_above) for n, i in enumerate(pair)}
+        row |= {"better_response_id": int(rewards[pair[1]] > rewards[pair[0]]),
+                "safer_response_id": int(costs[pair[1]] < costs[pair[0]])}
+        for n, i in enumerate(pair):
+            row |= {f"reward_{n}": rewards[i].item(), f"cost_{n}": costs[i].item(),
+                    f"finished_{n}": samples.finished[i]}
+        rows.append(row)
+    return rows
+
+
+def build_pairs(model, tokenizer, prompts: Sequence[str], reward: Scorer, *, cost_weight: float = 0.0,
+                **sampling) -> list[dict]:
+    """Best-vs-worst of k samples per prompt (`best_vs_worst` of `sample_and_score`), in the prompts' order."""
+    return best_vs_worst(sample_and_score(model, tokenizer, prompts, reward, **sampling), cost_weight)
+
+
 def build(cfg: DictConfig) -> Path:
     """`python -m riskexp.data.build` (`conf/build.yaml`): the data group's `build` section and its task's scorers."""
     validate(cfg)
@@ -100,20 +157,24 @@ def build(cfg: DictConfig) -> Path:
     if cfg.model.get("ref_path"):
         raise ConfigError(f"model.ref_path={cfg.model.ref_path!r} is not used by riskexp.data.build, which "
                           "samples from model.path (or the base model); drop it")
+    from riskexp.console import tidy_third_party_output
+
+    tidy_third_party_output()  # no carriage-return bars in redirected output
     spec, task = cfg.data.build, cfg.data.task
     # the same model building as training: model.path=DIR samples from the exported policy in DIR
     model, _, tokenizer = build_policy_and_reference(
         instantiate(cfg.model.loader, _partial_=True), cfg.model.path, dtype=cfg.model.dtype, need_reference=False
     )
     model.to(inference_device())
-    records = build_pairs(
+    samples = sample_and_score(
         model, tokenizer, instantiate(spec.prompts), instantiate(task.reward), k=spec.k,
-        cost=instantiate(task.cost) if task.get("cost") else None, cost_weight=spec.cost_weight,
+        cost=instantiate(task.cost) if task.get("cost") else None,
         max_new_tokens=spec.max_new_tokens, temperature=spec.temperature, top_p=spec.top_p,
         batch_size=spec.batch_size, seed=cfg.seed, prompt_format=cfg.data.prompt_format,
     )
+    records = instantiate(spec.rows)(samples)  # best_vs_worst pairs, or PKU-SafeRLHF rows (safety_rows)
     path = write_jsonl(records, spec.out)
-    print(f"{len(records)} pairs from {cfg.model.path or cfg.model.name} on {cfg.data.name} -> {path}", flush=True)
+    print(f"{len(records)} rows from {cfg.model.path or cfg.model.name} on {cfg.data.name} -> {path}", flush=True)
     return path
 
 

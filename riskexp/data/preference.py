@@ -4,6 +4,12 @@ A *record* is `{"prompt": str | list[{"role", "content"}], "chosen": str, "rejec
 numeric fields such as `chosen_score`). A *feature* is one tokenised record (see `tokenize_pair`). Batches
 stack chosen rows first, then rejected rows, which is the layout the losses expect: rows [0, B) are y_w and
 rows [B, 2B) are y_l of the same prompts.
+
+Unpaired data (KTO): an *unpaired record* is `{"prompt", "completion": str, "label": bool}` (label True =
+desirable); a preference record unpairs into two (`unpair_preference_records`: chosen -> desirable, rejected
+-> undesirable, as TRL's `unpair_preference_dataset`). Its feature is one completion (`tokenize_completion`),
+and `collate_completions` batches N of them with N mismatched rows (prompt_i, another row's completion) for
+KTO's KL anchor.
 """
 
 from __future__ import annotations
@@ -117,6 +123,81 @@ def load_preference_file(
     return records
 
 
+def _check_prompt(prompt: Any) -> Any:
+    if not (isinstance(prompt, str) or is_messages(prompt)):
+        raise ValueError(f"prompt must be a string or a message list, got {prompt!r:.80}")
+    if isinstance(prompt, list):  # a struct column gives absent message keys as null: drop them again
+        prompt = [{k: v for k, v in m.items() if v is not None} for m in prompt]
+    return prompt
+
+
+def _label(value: Any) -> bool:
+    """A desirability label: true/false (0/1 integers, as some tables store booleans, are accepted)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise ValueError(f"label must be true or false, got {value!r:.40}")
+
+
+def load_unpaired_file(
+    path: str,
+    prompt_key: str = "prompt",
+    completion_key: str = "completion",
+    label_key: str = "label",
+    limit: int | None = None,
+) -> list[dict]:
+    """Read unpaired records `{"prompt", "completion", "label"}` (label True = desirable) from a local
+    .jsonl[.gz], .json[.gz] or .parquet file, as `load_preference_file` reads pairs: the columns are renamed,
+    a completion given as a message list keeps its final assistant turn, extra numeric and boolean fields are
+    kept, malformed rows are skipped with one counted warning, `limit` keeps the first valid records."""
+    _check_limit(limit)
+    keys = {"prompt": prompt_key, "completion": completion_key, "label": label_key}
+    rows, _ = read_rows(path, keys.values())
+    records, skipped, first_error = [], 0, None
+    for row in rows:
+        try:
+            record = {"prompt": _check_prompt(row.get(prompt_key)),
+                      "completion": _response_text(row.get(completion_key)),
+                      "label": _label(row.get(label_key))}
+        except ValueError as err:
+            skipped += 1
+            first_error = first_error or str(err)
+            continue
+        used = set(keys.values())
+        record.update({k: v for k, v in row.items()
+                       if k not in used and k not in record and (_is_number(v) or isinstance(v, bool))})
+        records.append(record)
+        if limit is not None and len(records) >= limit:
+            break
+    _warn_skipped(path, skipped, len(rows), first_error)
+    return records
+
+
+def is_unpaired(record: dict) -> bool:
+    """Whether a record is unpaired (`prompt`, `completion`, `label`) rather than a preference pair."""
+    return {"prompt", "completion", "label"} <= record.keys()
+
+
+def unpair_preference_records(records: Iterable[dict]) -> list[dict]:
+    """Preference records as unpaired ones, TRL's `unpair_preference_dataset`: each pair gives
+    `{"prompt", "completion": chosen, "label": True}` then `{"prompt", "completion": rejected, "label": False}`;
+    a response's own fields follow it renamed (`chosen_finished` -> `completion_finished` on the first,
+    `rejected_score` -> `completion_score` on the second), shared fields go to both. Unpaired records pass as
+    they are."""
+    out = []
+    for record in records:
+        if is_unpaired(record):
+            out.append(record)
+            continue
+        shared = {k: v for k, v in record.items()
+                  if k not in ("chosen", "rejected") and not k.startswith(("chosen_", "rejected_"))}
+        for name, label in (("chosen", True), ("rejected", False)):
+            own = {f"completion_{k[len(name) + 1:]}": v for k, v in record.items() if k.startswith(name + "_")}
+            out.append({**shared, "completion": record[name], "label": label, **own})
+    return out
+
+
 # ------------------------------------------------------------------------------------------- Anthropic HH
 
 
@@ -200,6 +281,38 @@ def _check_lengths(max_length: int, max_prompt_length: int, truncation_mode: str
         )
 
 
+def response_token_ids(tokenizer, prompt: Any, response: str, prompt_format: str, finished: bool = True) -> list[int]:
+    """A response's token ids, ending with eos unless it was cut at a length limit when it was sampled
+    (`*_finished: false`: it did not end)."""
+    hh_text = isinstance(prompt, list) and prompt_format in ("chat", "plain")
+    if hh_text and not uses_chat_template(tokenizer, prompt_format) and not response[:1].isspace():
+        # HH text ends with "Assistant:"; the reference responses start with a space. (A string prompt is a
+        # continuation: the response follows it exactly as it was sampled.)
+        response = " " + response
+    return tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] * bool(finished)
+
+
+def truncate_to_length(
+    prompt_ids: list[int],
+    responses: list[list[int]],
+    max_length: int,
+    max_prompt_length: int,
+    truncation_mode: str = "keep_end",
+    truncation: str = "reference",
+) -> tuple[list[int], list[list[int]], bool]:
+    """The DPO reference code's truncation of a prompt and its responses (`tokenize_pair`'s rule, for one
+    response or two): (prompt_ids, responses, truncated)."""
+    longer = max(len(r) for r in responses)
+    truncated = len(prompt_ids) + longer > max_length
+    if truncated:
+        keep_end = truncation_mode == "keep_end"
+        prompt_ids = prompt_ids[-max_prompt_length:] if keep_end else prompt_ids[:max_prompt_length]
+    if len(prompt_ids) + longer > max_length:
+        room = max_length - (max_prompt_length if truncation == "reference" else len(prompt_ids))
+        responses = [r[:room] for r in responses]
+    return prompt_ids, responses, truncated
+
+
 def tokenize_pair(
     record: dict,
     tokenizer,
@@ -225,26 +338,13 @@ def tokenize_pair(
     if eos is None:
         raise ValueError("tokenizer has no eos_token_id; responses must end with EOS")
     prompt = record["prompt"]
-    chosen, rejected = record["chosen"], record["rejected"]
     prompt_ids = prompt_token_ids(tokenizer, prompt, prompt_format)
-    hh_text = isinstance(prompt, list) and prompt_format in ("chat", "plain")
-    if hh_text and not uses_chat_template(tokenizer, prompt_format):
-        # HH text ends with "Assistant:"; the reference responses start with a space. (A string prompt is a
-        # continuation: the response follows it exactly as it was sampled.)
-        chosen, rejected = (r if r[:1].isspace() else " " + r for r in (chosen, rejected))
-    # a response cut at a length limit when it was sampled (`*_finished: false`) did not end: no eos
-    chosen_ids = tokenizer(chosen, add_special_tokens=False)["input_ids"] + [eos] * record.get("chosen_finished", True)
-    rejected_ids = (tokenizer(rejected, add_special_tokens=False)["input_ids"]
-                    + [eos] * record.get("rejected_finished", True))
-
-    longer = max(len(chosen_ids), len(rejected_ids))
-    truncated = len(prompt_ids) + longer > max_length
-    if truncated:
-        keep_end = truncation_mode == "keep_end"
-        prompt_ids = prompt_ids[-max_prompt_length:] if keep_end else prompt_ids[:max_prompt_length]
-    if len(prompt_ids) + longer > max_length:
-        room = max_length - (max_prompt_length if truncation == "reference" else len(prompt_ids))
-        chosen_ids, rejected_ids = chosen_ids[:room], rejected_ids[:room]
+    chosen_ids = response_token_ids(tokenizer, prompt, record["chosen"], prompt_format,
+                                    record.get("chosen_finished", True))
+    rejected_ids = response_token_ids(tokenizer, prompt, record["rejected"], prompt_format,
+                                      record.get("rejected_finished", True))
+    prompt_ids, (chosen_ids, rejected_ids), truncated = truncate_to_length(
+        prompt_ids, [chosen_ids, rejected_ids], max_length, max_prompt_length, truncation_mode, truncation)
 
     n = len(prompt_ids)
     out: dict[str, Any] = {"prompt_length": n, "truncated": truncated}
@@ -280,6 +380,109 @@ def collate_pairs(features: list[dict], pad_token_id: int) -> dict[str, torch.Te
     return batch
 
 
+def completion_row(
+    prompt_ids: list[int],
+    completion_ids: list[int],
+    max_length: int,
+    max_prompt_length: int,
+    truncation_mode: str = "keep_end",
+    truncation: str = "reference",
+) -> tuple[list[int], list[int], bool]:
+    """One prompt + completion row, truncated as `tokenize_pair` truncates a pair: (input_ids, labels with the
+    prompt positions -100, truncated)."""
+    prompt_ids, (completion_ids,), truncated = truncate_to_length(
+        prompt_ids, [completion_ids], max_length, max_prompt_length, truncation_mode, truncation)
+    return prompt_ids + completion_ids, [IGNORE_INDEX] * len(prompt_ids) + completion_ids, truncated
+
+
+def tokenize_completion(
+    record: dict,
+    tokenizer,
+    max_length: int,
+    max_prompt_length: int,
+    truncation_mode: str = "keep_end",
+    prompt_format: str = "chat",
+    truncation: str = "reference",
+) -> dict:
+    """Tokenise one unpaired record `{"prompt", "completion", "label"}` as `tokenize_pair` tokenises a pair
+    (prompt rendering, eos unless `completion_finished` is false, truncation), the completion on its own.
+
+    Returns `{"input_ids", "labels": list[int], "prompt_length": int, "truncated": bool, "desirable": bool,
+    "prompt_ids", "completion_ids": list[int]}`, the last two untruncated: `collate_completions` pairs this
+    prompt with another row's completion and truncates that row by the same rule."""
+    _check_lengths(max_length, max_prompt_length, truncation_mode, truncation)
+    if tokenizer.eos_token_id is None:
+        raise ValueError("tokenizer has no eos_token_id; completions must end with EOS")
+    prompt = record["prompt"]
+    prompt_ids = prompt_token_ids(tokenizer, prompt, prompt_format)
+    completion_ids = response_token_ids(tokenizer, prompt, record["completion"], prompt_format,
+                                        record.get("completion_finished", True))
+    input_ids, labels, truncated = completion_row(prompt_ids, completion_ids, max_length, max_prompt_length,
+                                                  truncation_mode, truncation)
+    return {"input_ids": input_ids, "labels": labels, "prompt_length": labels.count(IGNORE_INDEX),
+            "truncated": truncated, "desirable": bool(record["label"]), "prompt_ids": prompt_ids,
+            "completion_ids": completion_ids}
+
+
+def mismatch_shift(prompts: list[Any]) -> int:
+    """The cyclic offset s of KTO's mismatched rows: row i takes the completion of row (i - s) mod N.
+
+    TRL's offset is 1 (`_get_kl_dataset`: completions [c_{N-1}, c_0, ..., c_{N-2}]). Where that would give some
+    row a completion written for its own prompt (the two completions of one preference pair side by side), the
+    smallest offset that gives none is taken, or the one that gives the fewest. A cyclic offset keeps the
+    mismatched completions the same set as the batch's own. N = 1: 0, the row's own completion (TRL refuses
+    batches of one for this reason)."""
+    n = len(prompts)
+    if n < 2:
+        return 0
+    clashes = [sum(prompts[i] == prompts[(i - s) % n] for i in range(n)) for s in range(1, n)]
+    return 1 + clashes.index(min(clashes))
+
+
+def collate_completions(
+    features: list[dict],
+    pad_token_id: int,
+    max_length: int,
+    max_prompt_length: int,
+    truncation_mode: str = "keep_end",
+    truncation: str = "reference",
+) -> dict[str, torch.Tensor]:
+    """Stack N tokenised completions (`tokenize_completion`) into one right-padded batch, with KTO's mismatched
+    rows for the KL anchor.
+
+    Returns input_ids / attention_mask / labels (N, L) as `collate_pairs` pads them; kl_input_ids /
+    kl_attention_mask / kl_labels (N, L'): prompt i with the completion of row kl_source[i] (`mismatch_shift`),
+    tokenised and truncated like a real row (prompt positions -100); kl_source (N,) int64; desirable (N,)
+    bool; index (N,) int64 if every feature has `index`.
+    """
+    if not features:
+        raise ValueError("collate_completions needs at least one feature")
+    for row, f in enumerate(features):
+        if len(f["input_ids"]) != len(f["labels"]):
+            raise ValueError(f"input_ids and labels differ in length ({len(f['input_ids'])} vs {len(f['labels'])}) "
+                             f"in row {row}")
+    n = len(features)
+    shift = mismatch_shift([f["prompt_ids"] for f in features])
+    source = [(i - shift) % n for i in range(n)]
+    kl_rows = [completion_row(f["prompt_ids"], features[j]["completion_ids"], max_length, max_prompt_length,
+                              truncation_mode, truncation)[:2] for f, j in zip(features, source)]
+    input_ids, attention_mask = pad_rows([f["input_ids"] for f in features], pad_token_id)
+    kl_input_ids, kl_attention_mask = pad_rows([ids for ids, _ in kl_rows], pad_token_id)
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": pad_rows([f["labels"] for f in features], IGNORE_INDEX)[0],
+        "kl_input_ids": kl_input_ids,
+        "kl_attention_mask": kl_attention_mask,
+        "kl_labels": pad_rows([labels for _, labels in kl_rows], IGNORE_INDEX)[0],
+        "kl_source": torch.tensor(source, dtype=torch.long),
+        "desirable": torch.tensor([f["desirable"] for f in features], dtype=torch.bool),
+    }
+    if all("index" in f for f in features):
+        batch["index"] = torch.tensor([f["index"] for f in features], dtype=torch.long)
+    return batch
+
+
 # ---------------------------------------------------------------------------------------------- datamodule
 
 RecordSource = Callable[[], Iterable[dict]] | Iterable[dict]
@@ -292,6 +495,15 @@ class PreferenceDataModule(L.LightningDataModule):
     loader) or record lists. Without `val_source`, `val_fraction` of the records (at least one) is held out,
     chosen by `random.Random(seed)`; `limit` then caps the training records. Batches come from `collate_pairs`.
     `prompt_format`, `truncation_mode` and `truncation` are `tokenize_pair`'s.
+
+    `unpaired=True` (KTO; `conf/algo/kto.yaml` sets `data.unpaired`) makes every split a list of unpaired
+    completions: sources may give unpaired records `{"prompt", "completion", "label"}`, preference records, or
+    both. Records are split and limited as above, except that unpaired records sharing a prompt are held out
+    together (a pair is one record already, so a pair source holds out the same prompts as for DPO); then each
+    split is unpaired (`unpair_preference_records`: a pair gives its chosen completion, desirable, then its
+    rejected one), tokenised by `tokenize_completion` and batched by `collate_completions`, which adds the
+    mismatched rows of KTO's KL anchor. `limit` counts source records (a pair: two completions).
+    `label_counts()` gives the training split's (desirable, undesirable) counts (`undesirable_weight=auto`).
     """
 
     def __init__(
@@ -311,6 +523,7 @@ class PreferenceDataModule(L.LightningDataModule):
         num_workers: int = 0,
         prompt_format: str = "chat",
         truncation: str = "reference",
+        unpaired: bool = False,
     ):
         super().__init__()
         _check_lengths(max_length, max_prompt_length, truncation_mode, truncation)
@@ -333,8 +546,15 @@ class PreferenceDataModule(L.LightningDataModule):
                 )
         if tokenizer.eos_token_id is None:
             raise ValueError("tokenizer has no eos_token_id")
+        if not isinstance(unpaired, bool):
+            raise ValueError(f"unpaired must be true or false, got {unpaired!r}")
+        if unpaired and min(batch_size, eval_batch_size) < 2:
+            key = "batch_size" if batch_size < 2 else "eval_batch_size"
+            raise ValueError(f"{key}={min(batch_size, eval_batch_size)} with unpaired data: KTO's KL anchor pairs "
+                             "each prompt with another row's completion, so batches need at least 2 rows")
 
         self.tokenizer = tokenizer
+        self.unpaired = unpaired
         self.source, self.val_source, self.name = source, val_source, name
         self.max_length, self.max_prompt_length, self.truncation_mode = (
             max_length,
@@ -351,13 +571,21 @@ class PreferenceDataModule(L.LightningDataModule):
         self.val_features: list[dict] | None = None
         self.train_progress = LoaderProgress()  # where the training loader stands: saved and restored with checkpoints
 
-    @staticmethod
-    def _load(source: RecordSource, key: str) -> list[dict]:
+    def _load(self, source: RecordSource, key: str) -> list[dict]:
         records = list(source() if callable(source) else source)
         for i, r in enumerate(records):
+            if self.unpaired and isinstance(r, dict) and is_unpaired(r):
+                if not isinstance(r["completion"], str) or not isinstance(r["label"], bool):
+                    raise ValueError(f"{key} record {i}: an unpaired record's completion is a string and its label "
+                                     f"true or false, got {r!r:.120}")
+                continue
+            if isinstance(r, dict) and not self.unpaired and is_unpaired(r):
+                raise ValueError(f"{key} record {i} is unpaired (prompt/completion/label): unpaired data needs "
+                                 "data.unpaired=true and an unpaired algorithm (algo=kto)")
             if not isinstance(r, dict) or not {"prompt", "chosen", "rejected"} <= r.keys():
+                also = " or prompt/completion/label" if self.unpaired else ""
                 raise ValueError(
-                    f"{key} record {i} must be a dict with prompt/chosen/rejected, got {r!r:.120}"
+                    f"{key} record {i} must be a dict with prompt/chosen/rejected{also}, got {r!r:.120}"
                 )
         return records
 
@@ -376,9 +604,22 @@ class PreferenceDataModule(L.LightningDataModule):
         val = [r for i, r in enumerate(records) if i in val_ids]
         return train, val
 
+    def _split_unpaired(self, records: list[dict]) -> tuple[list[dict], list[dict]]:
+        """`_split` over units: unpaired records sharing a prompt are one unit, any other record its own, so a
+        prompt's completions never straddle the splits (with one record per unit this is `_split` exactly)."""
+        unit_of, units = [], {}
+        for i, r in enumerate(records):
+            key = ("prompt", repr(r["prompt"])) if is_unpaired(r) else ("record", i)
+            unit_of.append(units.setdefault(key, len(units)))
+        grouped = [[r for r, u in zip(records, unit_of) if u == unit] for unit in range(len(units))]
+        if len(grouped) == len(records):
+            return self._split(records)
+        train_units, val_units = self._split(grouped)
+        return [r for unit in train_units for r in unit], [r for unit in val_units for r in unit]
+
     def _tokenize(self, records: list[dict]) -> list[dict]:
         tok = functools.partial(
-            tokenize_pair,
+            tokenize_completion if self.unpaired else tokenize_pair,
             tokenizer=self.tokenizer,
             max_length=self.max_length,
             max_prompt_length=self.max_prompt_length,
@@ -394,16 +635,24 @@ class PreferenceDataModule(L.LightningDataModule):
             return
         records = self._load(self.source, "source")
         if self.val_source is None:
-            train, val = self._split(records)
+            train, val = self._split_unpaired(records) if self.unpaired else self._split(records)
         else:
             train, val = records, self._load(self.val_source, "val_source")
         if self.limit is not None:
             train = train[: self.limit]
         if not train or not val:
             raise ValueError(f"{self.name}: empty split ({len(train)} train / {len(val)} val records)")
+        if self.unpaired:
+            train, val = unpair_preference_records(train), unpair_preference_records(val)
         self.train_records, self.val_records = train, val
         self.train_features, self.val_features = self._tokenize(train), self._tokenize(val)
         n_cut = sum(f["truncated"] for f in self.train_features)
+        if self.unpaired:
+            (n_desirable, n_undesirable), n_val = self.label_counts(), len(val)
+            log.info("%s: %d train completions (%d desirable, %d undesirable) / %d val completions (%d train "
+                     "completions truncated to max_length=%d)", self.name, len(train), n_desirable, n_undesirable,
+                     n_val, n_cut, self.max_length)
+            return
         log.info(
             "%s: %d train / %d val pairs (%d train pairs truncated to max_length=%d)",
             self.name,
@@ -413,10 +662,24 @@ class PreferenceDataModule(L.LightningDataModule):
             self.max_length,
         )
 
+    def label_counts(self) -> tuple[int, int]:
+        """(desirable, undesirable) completions of the training split (unpaired data)."""
+        if not self.unpaired:
+            raise RuntimeError(f"{self.name}: label counts are for unpaired data (data.unpaired=true)")
+        self.setup()
+        n_desirable = sum(f["desirable"] for f in self.train_features)
+        return n_desirable, len(self.train_features) - n_desirable
+
+    def collate_fn(self) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
+        if not self.unpaired:
+            return functools.partial(collate_pairs, pad_token_id=self.pad_token_id)
+        return functools.partial(collate_completions, pad_token_id=self.pad_token_id, max_length=self.max_length,
+                                 max_prompt_length=self.max_prompt_length, truncation_mode=self.truncation_mode,
+                                 truncation=self.truncation)
+
     def loader(self, features: list[dict], batch_size: int, shuffle: bool) -> DataLoader:
         # shuffled (training) batches can be resumed mid-epoch from a checkpoint in the same order
-        common = dict(batch_size=batch_size, num_workers=self.num_workers,
-                      collate_fn=functools.partial(collate_pairs, pad_token_id=self.pad_token_id))
+        common = dict(batch_size=batch_size, num_workers=self.num_workers, collate_fn=self.collate_fn())
         if not shuffle:
             return DataLoader(features, **common)
         return ResumableLoader(features, sampler=EpochShuffle(len(features), self.seed),
@@ -443,6 +706,9 @@ class PreferenceDataModule(L.LightningDataModule):
         batches carry `ref_logps` and the reference model need not run again (DPO/IPO)."""
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        if self.unpaired:
+            raise RuntimeError(f"{self.name}: precomputed reference log-probs are for preference pairs, not "
+                               "unpaired data")
         features = self.train_features if split == "train" else self.val_features
         if features is None:
             raise RuntimeError("call setup() before attach_reference_logps()")
