@@ -16,13 +16,10 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-from riskexp.files import read_jsonl
+from riskexp.files import file_lock, read_jsonl
 
 __all__ = [
     "MissingAssetError",
@@ -147,22 +144,6 @@ def smollm2_is_cached(cache: str | os.PathLike | None = None) -> bool:
     return _is_complete(root / SMOLLM2_DIRNAME)
 
 
-@contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Inter-process lock (``filelock`` ships with transformers/huggingface_hub) plus an in-process lock."""
-    with _THREAD_LOCK:
-        try:
-            from filelock import FileLock
-        except ImportError:  # pragma: no cover - filelock is a transformers dependency
-            yield  # fall back to "rename wins"
-            return
-        with FileLock(str(path)):
-            yield
-
-
-_THREAD_LOCK = threading.RLock()
-
-
 def _log(msg: str) -> None:
     print(f"[riskexp] {msg}", file=sys.stderr, flush=True)
 
@@ -184,7 +165,7 @@ def smollm2_path(cache: str | os.PathLike | None = None) -> Path:
         return target
     gguf = smollm2_gguf()  # fail fast (before locking) if the package is missing
     root.mkdir(parents=True, exist_ok=True)
-    with _file_lock(root / f"{SMOLLM2_DIRNAME}.lock"):
+    with file_lock(root / f"{SMOLLM2_DIRNAME}.lock"):
         if _is_complete(target):  # another process finished while we waited
             return target
         for stale in root.glob(f".{SMOLLM2_DIRNAME}.tmp-*"):  # leftovers of interrupted runs

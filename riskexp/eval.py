@@ -27,11 +27,16 @@ from riskexp.run import (
 from riskexp.schema import ConfigError, validate
 
 
-def evaluate(cfg: DictConfig) -> dict:
+def evaluate(cfg: DictConfig, build_policy=None, record: dict | None = None) -> dict:
+    """Evaluate a policy against its reference on the data's task and write results.json.
+
+    The policy is `model.path` (or the base model) unless `build_policy(cfg) -> (policy, tokenizer)` makes it
+    (`riskexp.stepwise.merge`); the reference is `model.ref_path`, else the base model. `record`: more keys for
+    results.json."""
     validate(cfg)
     if not cfg.data.get("task"):
         raise ConfigError(f"data={cfg.data.name!r} has no generation task; accepted: data=sentiment, "
-                          "data=toxicity, or data/task=sentiment|toxicity with any data")
+                          "data=toxicity, data=safety, or data/task=sentiment|toxicity|safety with any data")
     import lightning as L
 
     from riskexp.console import tidy_third_party_output
@@ -41,10 +46,13 @@ def evaluate(cfg: DictConfig) -> dict:
 
     started = time.time()
     L.seed_everything(cfg.seed)
-    policy, reference, tokenizer = build_policy_and_reference(
-        instantiate(cfg.model.loader, _partial_=True), cfg.model.path, cfg.model.ref_path, cfg.model.dtype,
-        reference_is_base=True,
-    )
+    loader = instantiate(cfg.model.loader, _partial_=True)
+    if build_policy is None:
+        policy, reference, tokenizer = build_policy_and_reference(
+            loader, cfg.model.path, cfg.model.ref_path, cfg.model.dtype, reference_is_base=True)
+    else:
+        policy, tokenizer = build_policy(cfg)
+        _, reference, _ = build_policy_and_reference(loader, None, cfg.model.ref_path, cfg.model.dtype)
     # sampling and scoring follow the models' device (riskexp.generation)
     device = inference_device()
     policy.to(device)
@@ -53,21 +61,29 @@ def evaluate(cfg: DictConfig) -> dict:
     results = {
         "kind": "eval", "model": cfg.model.name, "policy": cfg.model.path or cfg.model.name,
         "reference": cfg.model.ref_path or cfg.model.name, "data": cfg.data.name, "seed": cfg.seed,
-        **provenance(cfg), "wall_time_s": round(time.time() - started, 2), **metrics,
+        **(record or {}), **provenance(cfg), "wall_time_s": round(time.time() - started, 2), **metrics,
     }
     logger = build_logger(cfg, output_dir())
     log_evaluation(logger, metrics, rows, cfg.eval.samples_logged)
+    if build_policy is not None and cfg.save_policy:
+        policy.save_pretrained(output_dir() / "policy")
+        tokenizer.save_pretrained(output_dir() / "policy")
     write_results(output_dir(), results)
     return results
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
-def main(cfg: DictConfig) -> None:
+def main_with(cfg: DictConfig, task) -> None:
+    """Run `task(cfg)` as a command (one-line configuration errors, failed.json), then print its table."""
     try:
-        results = run_command(evaluate, cfg)
+        results = run_command(task, cfg)
     finally:
         finish_wandb()
     print_comparison(cfg, results, f"{results['policy']} against {results['reference']} on {cfg.data.name}")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
+def main(cfg: DictConfig) -> None:
+    main_with(cfg, evaluate)
 
 
 if __name__ == "__main__":

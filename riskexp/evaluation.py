@@ -15,6 +15,7 @@ prompts for both models, so the prompt-to-prompt variation they share cancels ou
 
 from __future__ import annotations
 
+import functools
 import logging
 import textwrap
 from collections.abc import Callable, Sequence
@@ -111,6 +112,13 @@ def paired_change(statistic: Statistic) -> Statistic:
     return change
 
 
+def win_rate(new: Tensor, old: Tensor, higher_is_better: bool = True) -> dict[str, Tensor]:
+    """The win rate of aligned samples `new` against `old` as SACPO counts it: a win 1, a tie 0.5, a loss 0.
+    (M,) -> () or (R, M) -> (R,), under the name `win_rate`."""
+    wins = new > old if higher_is_better else new < old
+    return {"win_rate": (wins.double() + 0.5 * (new == old).double()).mean(-1)}
+
+
 def score_with(scorer: Scorer, prompts: list[str], completions: list[str], what: str) -> torch.Tensor:
     """(N,) float32 scores on the CPU, checked to have one score per completion."""
     s = torch.as_tensor(scorer(prompts, completions)).detach().float().flatten().cpu()
@@ -127,6 +135,11 @@ class Draws:
     cost: Tensor | None
     log_ratio: Tensor  # log pi_model - log pi_reference of each completion (0 without a distinct reference)
     length: Tensor  # new tokens of each completion
+
+    def take(self, prompts: Tensor) -> Draws:
+        """The draws of the prompts at indices `prompts` (a subset)."""
+        return Draws(*(None if v is None else v[prompts] for v in (self.reward, self.cost, self.log_ratio,
+                                                                    self.length)))
 
 
 def _statistics(levels: Sequence[float], cost_threshold: float) -> dict[str, Statistic]:
@@ -275,13 +288,18 @@ def compare(
     bootstrap_samples: int = 1000,
     confidence: float = 0.95,
     seed: int = 0,
+    subsets: dict[str, Sequence[int]] | None = None,
     **sampling,
 ) -> tuple[dict[str, float], list[dict]]:
     """`evaluate_model` of the reference (prefix `ref_eval`, KL 0) and of the policy (prefix `eval`, KL to the
-    reference) on the same prompts and seed, and the policy's change `eval/delta/<metric>` (policy minus
+    reference) on the same prompts and seed, the policy's change `eval/delta/<metric>` (policy minus
     reference) of every reward and cost metric, with its interval from a paired bootstrap (the same resampled
-    prompts for both models). Returns the merged metrics and the policy's rows, each with the reference's
-    completion side by side (`ref_completion`, `ref_reward`, `ref_cost`)."""
+    prompts for both models), and the policy's win rates against the reference, `eval/reward_win_rate`
+    (helpfulness: higher reward wins) and `eval/cost_win_rate` (harmlessness: lower cost wins), a tie counting
+    0.5 as in SACPO. `subsets` (name -> prompt indices, e.g. harmful and benign requests) repeat all of it on
+    those prompts' samples under `eval/<name>/...`, `ref_eval/<name>/...`, `eval/<name>/delta/...`. Returns the
+    merged metrics and the policy's rows, each with the reference's completion side by side (`ref_completion`,
+    `ref_reward`, `ref_cost`)."""
     if reference is None:
         raise ValueError("compare needs a reference model")
     statistics = _statistics(tail_levels(alpha, alphas), cost_threshold)
@@ -289,17 +307,40 @@ def compare(
                                                         prefix="ref_eval", **sampling)
     metrics, rows, draws = sample_and_score(policy, reference, tokenizer, prompts, seed=seed, prefix="eval",
                                             **sampling)
+    summarise = functools.partial(_compare_draws, statistics=statistics, bootstrap_samples=bootstrap_samples,
+                                  confidence=confidence, seed=seed)
+    out = summarise(draws, ref_draws) | ref_metrics | metrics
+    for name, members in (subsets or {}).items():
+        members = torch.as_tensor(list(members), dtype=torch.long)
+        if members.numel():
+            out |= summarise(draws.take(members), ref_draws.take(members), subset=name)
+    for row, ref in zip(rows, ref_rows):
+        row.update({"ref_completion": ref["completion"], "ref_reward": ref["reward"], "ref_cost": ref["cost"]})
+    return out, rows
+
+
+def _compare_draws(draws: Draws, ref_draws: Draws, *, statistics: dict[str, Statistic], bootstrap_samples: int,
+                   confidence: float, seed: int, subset: str | None = None) -> dict[str, float]:
+    """Both models' statistics, the changes and the win rates of one set of prompts, under `eval/`, `ref_eval/`,
+    `eval/delta/` (or `eval/<subset>/`, `ref_eval/<subset>/`, `eval/<subset>/delta/`)."""
+    inner = f"/{subset}" if subset else ""
     index = resample_prompts(draws.reward.shape[0], bootstrap_samples, seed)
-    out = _summarise(ref_draws, statistics, index, confidence, "ref_eval") | ref_metrics
-    out |= _summarise(draws, statistics, index, confidence, "eval") | metrics
+    out = _summarise(ref_draws, statistics, index, confidence, f"ref_eval{inner}")
+    out |= _summarise(draws, statistics, index, confidence, f"eval{inner}")
     for kind in _CHANGED:
         new, old = getattr(draws, kind), getattr(ref_draws, kind)
         if new is not None:
             change = bootstrap(paired_change(statistics[kind]), [new, old], index, confidence)
-            out |= _named("eval/delta", kind, change)
-    for row, ref in zip(rows, ref_rows):
-        row.update({"ref_completion": ref["completion"], "ref_reward": ref["reward"], "ref_cost": ref["cost"]})
-    return out, rows
+            out |= _named(f"eval{inner}/delta" if subset else "eval/delta", kind, change)
+    # the policy's k-th sample of a prompt against the reference's k-th: the reward judges helpfulness, the
+    # cost harmlessness (lower wins)
+    for kind, higher_is_better in (("reward", True), ("cost", False)):
+        new, old = getattr(draws, kind), getattr(ref_draws, kind)
+        if new is not None:
+            judged = bootstrap(functools.partial(win_rate, higher_is_better=higher_is_better), [new, old], index,
+                               confidence)
+            out |= _named(f"eval{inner}", kind, judged)
+    return out
 
 
 # (metric name under ref_eval/ and eval/, what it is counted over), labelled by formatting.METRIC_LABELS
@@ -311,6 +352,8 @@ _TABLE = [
     ("cost_cvar", "samples"),
     ("cost_rate", "samples"),
     ("kl", "samples"),
+    ("reward_win_rate", "samples"),
+    ("cost_win_rate", "samples"),
     ("length_mean", "samples"),
     ("distinct_2", "samples"),
     ("perplexity", "texts"),
@@ -319,8 +362,8 @@ _TABLE = [
 _ACCURACIES = ["implicit_accuracy", "reward_accuracy"]
 # the counts behind the rows, as `evaluate_task` and training record them
 _COUNTS = {
-    "samples": lambda r: f"n={r['eval_prompts']} prompts x {r['eval_samples_per_prompt']}"
-    if "eval_prompts" in r and "eval_samples_per_prompt" in r else "",
+    "samples": lambda r, subset="": f"n={r['eval_prompts' + subset]} prompts x {r['eval_samples_per_prompt']}"
+    if "eval_prompts" + subset in r and "eval_samples_per_prompt" in r else "",
     "texts": lambda r: f"n={r['eval_heldout_texts']} texts" if "eval_heldout_texts" in r else "",
     "pairs": lambda r: f"n={r['val_pairs']} val pairs" if "val_pairs" in r else "",
 }
@@ -331,32 +374,48 @@ def _cell(metrics: dict, key: str, sign: str = "") -> str:
     return format_estimate(metrics.get(key), lo=metrics.get(f"{key}/lo"), hi=metrics.get(f"{key}/hi"), sign=sign)
 
 
-def _label(name: str, counted: str, results: dict, level: float | None) -> str:
+def _label(name: str, counted: str, results: dict, level: float | None, subset: str = "") -> str:
     label = METRIC_LABELS[name].format(level="" if level is None else f"{level:g}").rstrip("@")
-    count = _COUNTS[counted](results)
+    count = _COUNTS[counted](results, f"/{subset}") if subset else _COUNTS[counted](results)
+    label = f"{subset}: {label}" if subset else label
     return f"{label} ({count})" if count else label
+
+
+# the rows repeated for each prompt subset (`eval/<subset>/...`)
+_SUBSET_ROWS = ("reward_mean", "reward_cvar", "cost_mean", "cost_cvar", "cost_rate", "reward_win_rate",
+                "cost_win_rate")
+
+
+def _comparison_rows(results: dict, level: float | None, subset: str = "") -> list[tuple[str, str, str, str]]:
+    inner = f"/{subset}" if subset else ""
+    rows = []
+    for name, counted in _TABLE:
+        if subset and name not in _SUBSET_ROWS:
+            continue
+        ref_key, new_key, delta_key = f"ref_eval{inner}/{name}", f"eval{inner}/{name}", f"eval{inner}/delta/{name}"
+        if ref_key not in results and new_key not in results:
+            continue
+        if delta_key in results:
+            change = _cell(results, delta_key, "+")
+        elif name == "kl" and new_key in results:  # the reference's KL to itself is 0: the change is the KL
+            change = _cell(results, new_key, "+")
+        elif ref_key in results and new_key in results:
+            change = format_estimate(float(results[new_key]) - float(results[ref_key]), sign="+")
+        else:  # a win rate is a comparison itself
+            change = "-"
+        rows.append((_label(name, counted, results, level, subset), _cell(results, ref_key),
+                     _cell(results, new_key), change))
+    return rows
 
 
 def format_comparison(results: dict, level: float | None = None, confidence: float | None = None) -> str:
     """A plain-text table: metric | reference | trained | change, for the metrics present in `results`, with
     bootstrap intervals in brackets (the change's from the paired bootstrap, `eval/delta/...`), each row named
     with its level (`level`: the headline eval.alpha) and counts (`eval_prompts`, `eval_samples_per_prompt`,
-    `eval_heldout_texts`, `val_pairs` in `results`), then a legend of the intervals and accuracies."""
-    rows = []
-    for name, counted in _TABLE:
-        ref_key, new_key = f"ref_eval/{name}", f"eval/{name}"
-        if ref_key not in results and new_key not in results:
-            continue
-        if f"eval/delta/{name}" in results:
-            change = _cell(results, f"eval/delta/{name}", "+")
-        elif name == "kl" and new_key in results:  # the reference's KL to itself is 0: the change is the KL
-            change = _cell(results, new_key, "+")
-        elif ref_key in results and new_key in results:
-            change = format_estimate(float(results[new_key]) - float(results[ref_key]), sign="+")
-        else:
-            change = "-"
-        rows.append((_label(name, counted, results, level), _cell(results, ref_key), _cell(results, new_key),
-                     change))
+    `eval_heldout_texts`, `val_pairs` in `results`), the rows of each prompt subset (`eval_prompts/<subset>`)
+    after those of all prompts, then a legend of the intervals, win rates and accuracies."""
+    subsets = [key.split("/", 1)[1] for key in results if key.startswith("eval_prompts/")]
+    rows = _comparison_rows(results, level) + [r for name in subsets for r in _comparison_rows(results, level, name)]
     accuracies = [(_label(name, "pairs", results, None), "-", _cell(results, f"val/{name}"), "-")
                   for name in _ACCURACIES if f"val/{name}" in results]
     header = ("metric", "reference", "trained", "change")
@@ -368,6 +427,9 @@ def format_comparison(results: dict, level: float | None = None, confidence: flo
     percent = "" if confidence is None else f"{confidence:.0%} "
     legend = [f"[ ]: {percent}bootstrap interval over prompts; change = trained - reference, with the paired "
               "interval (the same resampled prompts for both models); distinct-2 and perplexity have none."] if rows else []
+    if any("win rate" in r[0] for r in rows):
+        legend.append("win rate: share of the trained policy's samples that beat the reference's sample of the same "
+                      "prompt (same draw), by higher reward (helpfulness) or lower cost (harmlessness); a tie counts 0.5.")
     if accuracies:
         legend.append("accuracies: share of the validation pairs whose chosen response the trained policy ranks "
                       "above the rejected one, by the DPO implicit reward beta*log(pi/pi_ref) (implicit accuracy; "

@@ -5,8 +5,23 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+_THREAD_LOCK = threading.RLock()
+
+
+@contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """An inter-process lock on `path` (`filelock`, a transformers dependency; works across the nodes of a
+    shared filesystem with POSIX locks) plus an in-process lock, held for the `with` block."""
+    from filelock import FileLock
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with _THREAD_LOCK, FileLock(str(path)):
+        yield
 
 
 def atomic_write_text(path: Path, text: str) -> Path:

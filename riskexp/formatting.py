@@ -16,6 +16,8 @@ METRIC_LABELS = {
     "cost_var": "cost VaR@{level}",
     "cost_rate": "cost rate",
     "kl": "KL to reference",
+    "reward_win_rate": "win rate by reward",   # against the reference, a tie counting 0.5 (SACPO)
+    "cost_win_rate": "win rate by cost",
     "length_mean": "length (tokens)",
     "distinct_1": "distinct-1",
     "distinct_2": "distinct-2",

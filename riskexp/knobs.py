@@ -23,8 +23,9 @@ from riskexp.results import changes_results, run_config
 TRAINING_ROOTS = ("algo", "model", "data", "optimizer", "scheduler", "trainer", "seed")
 # ... except these, read only by the evaluation after training and by `python -m riskexp.data.build`
 NOT_TRAINING = ("data.task", "data.build")
-# top-level keys that change results without being knobs of the trained algorithm
-NOT_KNOBS = ("eval",)
+# top-level keys that change results without being knobs of the trained algorithm (evaluation settings, and
+# the merged policies of `python -m riskexp.merge`)
+NOT_KNOBS = ("eval", "merge")
 
 # `${beta}`, `${algo.variant}`; relative (`${..dtype}`) and resolver (`${rx.package:...}`) interpolations
 # stay inside their node or read no config

@@ -46,7 +46,7 @@ from matplotlib.text import Text
 from matplotlib.transforms import Bbox
 
 from riskexp.formatting import METRIC_LABELS, format_estimate
-from riskexp.results import RESULTS_FILE, changes_results
+from riskexp.results import RESULTS_FILE, changes_results, override_key
 
 log = logging.getLogger(__name__)
 
@@ -131,11 +131,6 @@ def default_metrics(df: pd.DataFrame) -> list[str]:
     """The ``val/``, ``eval/`` and ``ref_eval/`` metrics (sorted), then ``steps``."""
     numeric = numeric_columns(df)
     return [c for c in numeric if c.startswith(METRIC_PREFIXES)] + (["steps"] if "steps" in numeric else [])
-
-
-def override_key(override: str) -> str:
-    """The config key of a command-line override: `++optimizer.lr=1e-4` -> `optimizer.lr`."""
-    return override.split("=", 1)[0].lstrip("+~")
 
 
 def override_keys(df: pd.DataFrame) -> list[str]:

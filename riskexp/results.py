@@ -41,6 +41,12 @@ def changes_results(key: str) -> bool:
     return not any(key == k or key.startswith(k + ".") for k in NON_RESULT_KEYS)
 
 
+def override_key(override: str) -> str:
+    """The config key of a command-line override: `++optimizer.lr=1e-4` -> `optimizer.lr`, `~data/task` ->
+    `data/task`."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
 def _portable(value: Any) -> Any:
     # files shipped in the package are recorded as the config writes them, so a finished run is recognised
     # from another checkout or node
@@ -143,10 +149,11 @@ def git_commit(cwd: Path | None = None) -> str | None:
 
 def provenance(cfg: DictConfig) -> dict[str, Any]:
     """What results.json records beyond the metrics to say which run it was: the command-line overrides,
-    the chosen config-group options, the whole resolved config, the riskexp version and commit."""
+    the chosen config-group options, the whole resolved config, the riskexp version and commit. They are read
+    from `cfg.hydra` where the config has one (composed with its hydra node), else from the running job."""
     from hydra.core.hydra_config import HydraConfig
 
-    hydra_cfg = HydraConfig.get()
+    hydra_cfg = cfg.hydra if "hydra" in cfg else HydraConfig.get()
     return {
         "overrides": list(hydra_cfg.overrides.task),
         "choices": {group: option for group, option in hydra_cfg.runtime.choices.items()

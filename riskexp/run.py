@@ -74,6 +74,12 @@ def evaluate_task(cfg: DictConfig, policy, reference, tokenizer) -> tuple[dict, 
                     "held-out texts") if task.get("heldout_texts") else None
     counts = {"eval_prompts": len(prompts), "eval_samples_per_prompt": settings.samples_per_prompt,
               **({"eval_heldout_texts": len(heldout)} if heldout else {})}
+    # prompt sets reported apart (the safety task's harmful and benign requests), by membership
+    subsets = {}
+    for name, loader in (task.get("subsets") or {}).items():
+        members = set(instantiate(loader))
+        subsets[name] = [i for i, prompt in enumerate(prompts) if prompt in members]
+        counts[f"eval_prompts/{name}"] = len(subsets[name])
     metrics, rows = compare(
         policy, reference, tokenizer, prompts,
         reward=instantiate(task.reward),
@@ -91,6 +97,7 @@ def evaluate_task(cfg: DictConfig, policy, reference, tokenizer) -> tuple[dict, 
         batch_size=settings.batch_size,
         seed=cfg.seed,
         prompt_format=cfg.data.prompt_format,
+        subsets=subsets,
     )
     return metrics | counts, rows
 
@@ -142,31 +149,46 @@ def finish_wandb() -> None:
         wandb.finish()
 
 
-def run(cfg: DictConfig) -> dict:
-    validate(cfg)
-    out = output_dir()
+def start(cfg: DictConfig, out: Path) -> tuple[dict | None, Path | None]:
+    """(results, None) for a directory that already holds this config's results.json (finished: skip it), else
+    (None, the checkpoint to resume from or None). Refuses, in seconds, a directory or checkpoint of another
+    config; `rerun=true` archives a finished run's results.json and trains from scratch."""
     done = read_results(out)
     config = run_config(cfg)
-    # before any model loads, so that a refusal takes seconds
     if done is not None and not cfg.rerun:
         check_same_config(out, done, config)
         log.info("%s already holds results.json of this config (finished); skipping. "
                  "Pass rerun=true to train again.", out)
-        return done
+        return done, None
     if done is not None:
         log.info("rerun=true: previous results moved to %s", archive_results(out))
     from riskexp.resume import checkpoint_to_resume
 
-    resume_from = checkpoint_to_resume(out, config, rerun=cfg.rerun, from_scratch=done is not None)
+    return None, checkpoint_to_resume(out, config, rerun=cfg.rerun, from_scratch=done is not None)
+
+
+def run(cfg: DictConfig) -> dict:
+    """Validate, skip a finished directory, then train with the algo's recipe (`algo.recipe`: the stepwise
+    family's; preference training by default) and print the end-of-run table."""
+    validate(cfg)
+    out = output_dir()
+    done, resume_from = start(cfg, out)  # before any model loads, so that a refusal takes seconds
+    if done is not None:
+        return done
+    recipe = instantiate(cfg.algo.recipe) if cfg.algo.get("recipe") else train_preference
     try:
-        results = _train(cfg, out, resume_from)
+        results = recipe(cfg, out, resume_from)
     finally:
         finish_wandb()
     print_comparison(cfg, results, f"{cfg.algo.name} on {cfg.data.name}, {out}")
     return results
 
 
-def _train(cfg: DictConfig, out: Path, resume_from: Path | None) -> dict:
+def train_preference(cfg: DictConfig, out: Path, resume_from: Path | None, record: DictConfig | None = None,
+                     extra: dict | None = None) -> dict:
+    """The preference family's recipe: build the policy, reference, data and Lightning module from `cfg`, train,
+    validate, evaluate on the task and write `out/results.json`. `record` is the config the record describes
+    (default `cfg`; a stepwise job records its own, not its step's), `extra` more keys for it."""
     import lightning as L
 
     from riskexp.console import StepLines, tidy_third_party_output
@@ -182,6 +204,7 @@ def _train(cfg: DictConfig, out: Path, resume_from: Path | None) -> dict:
     from riskexp.resume import Checkpointing, forget_checkpoint
 
     started = time.time()
+    record = cfg if record is None else record
     inert = inert_knobs(cfg)  # before anything is instantiated: instantiation resolves interpolations in place
     L.seed_everything(cfg.seed, workers=True)
     risk = instantiate(cfg.risk)
@@ -204,9 +227,9 @@ def _train(cfg: DictConfig, out: Path, resume_from: Path | None) -> dict:
     if resume_from:
         log.info("resuming from %s", resume_from)
     logger = build_logger(cfg, out)
-    flat = describe(cfg) | risk.describe()
+    flat = describe(record) | risk.describe()
     if logger:
-        logger.log_hyperparams(flat | {"config": OmegaConf.to_container(cfg, resolve=True)})
+        logger.log_hyperparams(flat | {"config": OmegaConf.to_container(record, resolve=True)})
     # riskexp's own checkpointing replaces Lightning's: one resumable last.ckpt, signals turned into checkpoints
     trainer_cfg = {k: v for k, v in cfg.trainer.items() if k not in RISKEXP_TRAINER_KEYS}
     checkpointing = Checkpointing(out, cfg.trainer.checkpoint_every_n_steps)
@@ -224,8 +247,9 @@ def _train(cfg: DictConfig, out: Path, resume_from: Path | None) -> dict:
     results = flat | {
         "steps": trainer.global_step,
         "status": "finished",
-        **provenance(cfg),  # overrides, choices, config, riskexp_version, git_commit
+        **provenance(record),  # overrides, choices, config, riskexp_version, git_commit
         "inert": inert,  # knobs this training never reads (alpha and risk for DPO)
+        **(extra or {}),
         "val_pairs": len(datamodule.val_features),
         "wall_time_s": round(time.time() - started, 2),
         "output_dir": str(out),

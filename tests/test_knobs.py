@@ -15,13 +15,16 @@ def cfg_of(*overrides, output_dir="/tmp/riskexp-test-knobs"):
 
 
 @pytest.mark.parametrize("overrides, inert", [
-    (["algo=dpo"], ["alpha", "risk"]),                     # DPO has no risk measure
-    (["algo=ipo", "risk=entropic"], ["alpha", "risk"]),
-    (["algo=tdpo"], ["alpha", "risk"]),
-    (["algo=ra_dpo", "risk=cvar"], []),                    # alpha reaches the objective through risk.alpha
-    (["algo=ra_dpo", "risk=entropic"], ["alpha"]),         # entropic risk has theta, not alpha
-    (["algo=ra_dpo", "risk=mean"], ["alpha"]),
-    (["algo=sft"], ["alpha", "beta", "risk"]),             # SFT has no KL temperature either
+    (["algo=dpo"], ["alpha", "lam", "risk"]),              # DPO has no risk measure (lam: the stepwise algos')
+    (["algo=ipo", "risk=entropic"], ["alpha", "lam", "risk"]),
+    (["algo=tdpo"], ["alpha", "lam", "risk"]),
+    (["algo=kto"], ["alpha", "lam", "risk"]),
+    (["algo=ra_dpo", "risk=cvar"], ["lam"]),               # alpha reaches the objective through risk.alpha
+    (["algo=ra_dpo", "risk=entropic"], ["alpha", "lam"]),  # entropic risk has theta, not alpha
+    (["algo=ra_dpo", "risk=mean"], ["alpha", "lam"]),
+    (["algo=sft"], ["alpha", "beta", "lam", "risk"]),      # SFT has no KL temperature either
+    (["algo=sacpo"], ["alpha", "risk"]),                   # its DPO steps read beta and lam
+    (["algo=rsa"], []),
 ])  # fmt: skip
 def test_inert_knobs_follow_the_interpolations_of_each_algorithm(overrides, inert):
     assert inert_knobs(cfg_of(*overrides)) == inert

@@ -10,7 +10,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 
 from riskexp import report
-from riskexp.results import run_config
+from riskexp.results import override_key, run_config
 
 ALPHAS = (0.05, 0.1)
 BETAS = (0.1, 0.5)
@@ -240,8 +240,8 @@ def test_overrides_that_do_not_change_results_do_not_split_rows(tmp_path):
 
 
 def test_override_keys_drop_prefixes_seed_and_non_result_keys():
-    assert report.override_key("++optimizer.lr=1e-4") == "optimizer.lr"
-    assert report.override_key("+data.truncation=prompt_room") == "data.truncation"
+    assert override_key("++optimizer.lr=1e-4") == "optimizer.lr"
+    assert override_key("+data.truncation=prompt_room") == "data.truncation"
     runs = pd.DataFrame({"overrides": [["++optimizer.lr=1e-4", "seed=1", "logger=csv"], ["hydra/launcher=slurm"],
                                        None]})
     assert report.override_keys(runs) == ["optimizer.lr"]

@@ -59,3 +59,25 @@ def test_job_past_its_time_limit_is_requeued_and_resumes(slurm_cluster, tmp_path
     for step in ("handing SIGUSR2 over to the launcher", "Requeued job", "resuming from"):  # riskexp, submitit, riskexp
         assert step in log, log[-3000:]
     assert json.loads((run_dir / "results.json").read_text())["steps"] == 120
+
+
+@pytest.mark.slow
+def test_a_stepwise_sweep_on_slurm_trains_step_1_once(slurm_cluster, tmp_path):
+    """Two lambdas as a 2-task job array running at once: one task trains step 1 under the lock, the other waits
+    and reuses it."""
+    runs = tmp_path / "runs"
+    env = os.environ | slurm_cluster | {"RISKEXP_RUNS": str(runs), "RISKEXP_SLURM_PARTITION": "debug",
+                                        "RISKEXP_SLURM_CPUS": "1", "RISKEXP_SLURM_MEM_GB": "3", "WANDB_MODE": "disabled"}
+    result = subprocess.run(
+        [sys.executable, "-m", "riskexp", "--multirun", "hydra/launcher=slurm", "hydra.launcher.timeout_min=10",
+         "hydra.launcher.signal_delay_s=30", "experiment=smoke", "logger=none", "algo=sacpo", "lam=1,4"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep = runs / "sweeps" / "smoke"
+    records = [json.loads(p.read_text()) for p in sorted(sweep.rglob("results.json"))]
+    assert [(r["step"], r["lam"]) for r in records] == [(2, 1.0), (2, 4.0)]
+    (step1,) = [p.parent for p in (runs / "steps").glob("*/results.json")]
+    assert {r["step1_dir"] for r in records} == {str(step1)}
+    logs = "".join(p.read_text() for p in sweep.rglob("riskexp.log"))
+    assert logs.count("step 1 (helpfulness): training in") == 1 and logs.count("step 1 (helpfulness): reusing") == 1

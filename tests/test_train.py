@@ -29,9 +29,9 @@ def test_every_algo_trains_and_writes_results(smoke_cfg, tmp_path, algo):
     if algo == "ra_dpo":
         assert "val/risk_ratio_chosen" in saved
     # what training never read, recorded from the config as composed (instantiation resolves it in place)
-    assert saved["inert"] == ([] if algo == "ra_dpo" else ["alpha", "risk"])
+    assert saved["inert"] == (["lam"] if algo == "ra_dpo" else ["alpha", "lam", "risk"])
     # the smoke preset evaluates on a few sentiment prompts, and says how many
-    assert saved["eval_prompts"] == 6 and saved["eval_samples_per_prompt"] == 2 and saved["val_pairs"] == 6
+    assert saved["eval_prompts"] == 6 and saved["eval_samples_per_prompt"] == 2 and saved["val_pairs"] == 8
     assert "eval/reward_cvar/lo" in saved and "eval/delta/length_mean" in saved
     # the exported policy differs from the initial (reference) weights: every parameter moved
     from riskexp.models import from_pretrained
