@@ -112,3 +112,20 @@ def test_safety_rows_need_costs():
     samples.costs = None
     with pytest.raises(ValueError, match="safety rows need a cost scorer"):
         safety_rows(samples)
+
+
+def test_the_safety_task_reports_harmful_and_benign_requests_apart(smoke_cfg):
+    from hydra.utils import instantiate
+
+    from riskexp.run import evaluate_task
+
+    cfg = smoke_cfg("data=safety", "eval.num_prompts=4", "eval.samples_per_prompt=2", "eval.max_new_tokens=4",
+                    "eval.num_heldout_texts=2", "eval.bootstrap_samples=20")
+    model, tok = instantiate(cfg.model.loader)
+    metrics, _ = evaluate_task(cfg, model, model, tok)
+    # the eval prompts interleave the two files, so the first 4 are 2 of each
+    assert metrics["eval_prompts/harmful"] == metrics["eval_prompts/benign"] == 2
+    for key in ("eval/harmful/cost_cvar", "eval/harmful/cost_rate/hi", "eval/benign/reward_mean",
+                "ref_eval/harmful/cost_mean", "eval/harmful/delta/cost_rate", "eval/benign/reward_win_rate"):
+        assert key in metrics, key
+    assert 0.0 <= metrics["eval/harmful/cost_mean"] <= 1.0
