@@ -77,6 +77,35 @@ def _warn_skipped(path: Any, skipped: int, total: int, first_error: str | None) 
         log.warning("%s: skipped %d of %d malformed rows (first: %s)", path, skipped, total, first_error)
 
 
+def collect_records(rows: Iterable[dict], to_records: Callable[[dict], list[dict]], source: Any,
+                    limit: int | None = None, errors: tuple[type[Exception], ...] = (ValueError,)) -> list[dict]:
+    """The records `to_records(row)` gives for each row, in order. A row it rejects with one of `errors` is
+    skipped, counted in one warning naming `source` and the first error; `limit` keeps the records of the first
+    `limit` valid rows (checked by the caller before it reads anything: `_check_limit`)."""
+    rows = list(rows)
+    records, used, skipped, first_error = [], 0, 0, None
+    for row in rows:
+        try:
+            records.extend(to_records(row))
+        except errors as err:
+            skipped += 1
+            # a KeyError's text is only the key: name its type too
+            first_error = first_error or (str(err) if isinstance(err, ValueError) else repr(err))
+            continue
+        used += 1
+        if limit is not None and used >= limit:
+            break
+    _warn_skipped(source, skipped, len(rows), first_error)
+    return records
+
+
+def _with_extras(record: dict, row: dict, used: Iterable[str]) -> dict:
+    """`record` plus the row's other scores and flags (e.g. `chosen_score`, `chosen_finished`)."""
+    used = set(used)
+    return record | {k: v for k, v in row.items()
+                     if k not in used and k not in record and (_is_number(v) or isinstance(v, bool))}
+
+
 def load_preference_file(
     path: str,
     prompt_key: str = "prompt",
@@ -95,32 +124,12 @@ def load_preference_file(
     keys = {"prompt": prompt_key, "chosen": chosen_key, "rejected": rejected_key}
     rows, _ = read_rows(path, keys.values())
 
-    records, skipped, first_error = [], 0, None
-    for row in rows:
-        try:
-            prompt = row.get(prompt_key)
-            if not (isinstance(prompt, str) or is_messages(prompt)):
-                raise ValueError(f"prompt must be a string or a message list, got {prompt!r:.80}")
-            if isinstance(prompt, list):  # a struct column gives absent message keys as null: drop them again
-                prompt = [{k: v for k, v in m.items() if v is not None} for m in prompt]
-            record = {
-                "prompt": prompt,
-                "chosen": _response_text(row.get(chosen_key)),
-                "rejected": _response_text(row.get(rejected_key)),
-            }
-        except ValueError as err:
-            skipped += 1
-            first_error = first_error or str(err)
-            continue
-        used = set(keys.values())
-        # scores and flags (e.g. `chosen_finished`) travel with the record
-        record.update({k: v for k, v in row.items()
-                       if k not in used and k not in record and (_is_number(v) or isinstance(v, bool))})
-        records.append(record)
-        if limit is not None and len(records) >= limit:
-            break
-    _warn_skipped(path, skipped, len(rows), first_error)
-    return records
+    def to_records(row: dict) -> list[dict]:
+        record = {"prompt": _check_prompt(row.get(prompt_key)), "chosen": _response_text(row.get(chosen_key)),
+                  "rejected": _response_text(row.get(rejected_key))}
+        return [_with_extras(record, row, keys.values())]
+
+    return collect_records(rows, to_records, path, limit)
 
 
 def _check_prompt(prompt: Any) -> Any:
@@ -154,24 +163,13 @@ def load_unpaired_file(
     _check_limit(limit)
     keys = {"prompt": prompt_key, "completion": completion_key, "label": label_key}
     rows, _ = read_rows(path, keys.values())
-    records, skipped, first_error = [], 0, None
-    for row in rows:
-        try:
-            record = {"prompt": _check_prompt(row.get(prompt_key)),
-                      "completion": _response_text(row.get(completion_key)),
-                      "label": _label(row.get(label_key))}
-        except ValueError as err:
-            skipped += 1
-            first_error = first_error or str(err)
-            continue
-        used = set(keys.values())
-        record.update({k: v for k, v in row.items()
-                       if k not in used and k not in record and (_is_number(v) or isinstance(v, bool))})
-        records.append(record)
-        if limit is not None and len(records) >= limit:
-            break
-    _warn_skipped(path, skipped, len(rows), first_error)
-    return records
+
+    def to_records(row: dict) -> list[dict]:
+        record = {"prompt": _check_prompt(row.get(prompt_key)), "completion": _response_text(row.get(completion_key)),
+                  "label": _label(row.get(label_key))}
+        return [_with_extras(record, row, keys.values())]
+
+    return collect_records(rows, to_records, path, limit)
 
 
 def is_unpaired(record: dict) -> bool:
@@ -249,18 +247,7 @@ def load_hh_rlhf(
     """
     _check_limit(limit)
     rows, source = read_split(name_or_path, split, data_dir, columns=("chosen", "rejected"))
-    records, skipped, first_error = [], 0, None
-    for row in rows:
-        try:
-            records.append(_hh_record(row))
-        except (ValueError, KeyError, TypeError) as err:
-            skipped += 1
-            first_error = first_error or repr(err)
-            continue
-        if limit is not None and len(records) >= limit:
-            break
-    _warn_skipped(source, skipped, len(rows), first_error)
-    return records
+    return collect_records(rows, lambda row: [_hh_record(row)], source, limit, errors=(ValueError, KeyError, TypeError))
 
 
 # ------------------------------------------------------------------------------------------ tokenisation

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from riskexp.data.preference import _check_limit, _is_number, _warn_skipped
+from riskexp.data.preference import _check_limit, _is_number, collect_records
 from riskexp.data.tables import read_split
 
 PKU_COLUMNS = ("prompt", "response_0", "response_1", "is_response_0_safe", "is_response_1_safe",
@@ -86,16 +86,5 @@ def load_pku_saferlhf(
         raise ValueError(f"data.source.pairs={pairs!r} is not a pairing; accepted: {', '.join(PAIRINGS)}")
     _check_limit(limit)
     rows, source = read_split(name_or_path, split, data_dir, columns=PKU_COLUMNS)
-    records, used, skipped, first_error = [], 0, 0, None
-    for row in rows:
-        try:
-            records.extend(pku_records(row, pairs))
-        except (ValueError, KeyError, TypeError) as err:
-            skipped += 1
-            first_error = first_error or str(err)
-            continue
-        used += 1
-        if limit is not None and used >= limit:
-            break
-    _warn_skipped(source, skipped, len(rows), first_error)
-    return records
+    return collect_records(rows, lambda row: pku_records(row, pairs), source, limit,
+                           errors=(ValueError, KeyError, TypeError))
