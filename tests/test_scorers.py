@@ -9,6 +9,8 @@ from riskexp.scorers import (
     MiniLMHead,
     NegatedScorer,
     ProfanityToxicity,
+    SafetyCost,
+    SafetyReward,
     Scorer,
     VaderSentiment,
     join_texts,
@@ -41,7 +43,8 @@ def test_join_texts():
 
 
 @pytest.mark.parametrize(
-    "scorer", [VaderSentiment(), ProfanityToxicity(), NegatedScorer(ProfanityToxicity())]
+    "scorer",
+    [VaderSentiment(), ProfanityToxicity(), NegatedScorer(ProfanityToxicity()), SafetyReward(), SafetyCost()],
 )
 def test_length_mismatch_and_types(scorer):
     with pytest.raises(ValueError, match="2 prompts and 1 completions"):
