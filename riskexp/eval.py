@@ -52,7 +52,9 @@ def evaluate(cfg: DictConfig, build_policy=None, record: dict | None = None) -> 
             loader, cfg.model.path, cfg.model.ref_path, cfg.model.dtype, reference_is_base=True)
     else:
         policy, tokenizer = build_policy(cfg)
-        _, reference, _ = build_policy_and_reference(loader, None, cfg.model.ref_path, cfg.model.dtype)
+        # the base model itself is the reference (no copy of it) unless model.ref_path names another
+        _, reference, _ = build_policy_and_reference(loader, None, cfg.model.ref_path, cfg.model.dtype,
+                                                     reference_is_base=True)
     # sampling and scoring follow the models' device (riskexp.generation)
     device = inference_device()
     policy.to(device)
