@@ -72,7 +72,11 @@ def _value(value) -> str:
         value = OmegaConf.to_container(value, resolve=True)
     if isinstance(value, str):
         return value
-    return "null" if value is None else str(value).replace("'", "") if isinstance(value, list | dict) else repr(value)
+    if value is None:
+        return "null"
+    if isinstance(value, list | dict):
+        return str(value).replace("'", "")  # [a, b] and {k: v}: Hydra's unquoted forms
+    return repr(value)
 
 
 def step_overrides(job: DictConfig, job_overrides: Sequence[str], n: int, step1_dir: Path | None = None
