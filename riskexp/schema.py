@@ -319,7 +319,7 @@ PASSED_BY_RISKEXP = {
 
 # sections of the data group that riskexp reads itself (run.evaluate_task, riskexp.data.build)
 DATA_SECTION_KEYS = {
-    "task": ("prompts", "reward", "cost", "heldout_texts", "subsets"),
+    "task": ("prompts", "reward", "cost", "heldout_texts", "subsets", "cost_threshold"),
     "build": ("prompts", "k", "rows", "max_new_tokens", "temperature", "top_p", "batch_size", "out"),
 }
 
