@@ -20,9 +20,9 @@ from riskexp.run import (
     build_logger,
     evaluate_task,
     finish_wandb,
-    log_evaluation,
     output_dir,
     print_comparison,
+    record_evaluation,
 )
 from riskexp.schema import ConfigError, validate
 
@@ -66,7 +66,7 @@ def evaluate(cfg: DictConfig, build_policy=None, record: dict | None = None) -> 
         **(record or {}), **provenance(cfg), "wall_time_s": round(time.time() - started, 2), **metrics,
     }
     logger = build_logger(cfg, output_dir())
-    log_evaluation(logger, metrics, rows, cfg.eval.samples_logged)
+    record_evaluation(output_dir(), logger, metrics, rows, cfg.eval.samples_logged)
     if build_policy is not None and cfg.save_policy:
         policy.save_pretrained(output_dir() / "policy")
         tokenizer.save_pretrained(output_dir() / "policy")

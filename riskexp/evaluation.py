@@ -26,6 +26,7 @@ from torch import Tensor
 
 from riskexp.formatting import METRIC_LABELS, format_estimate
 from riskexp.generation import completion_logps, generate, pad_token_id, perplexity
+from riskexp.judges import Judge, check_judgement, outcomes
 from riskexp.risk import check_alpha, cvar_lower, cvar_upper, var_lower, var_upper
 
 Scorer = Callable[[list[str], list[str]], torch.Tensor]
@@ -115,8 +116,12 @@ def paired_change(statistic: Statistic) -> Statistic:
 def win_rate(new: Tensor, old: Tensor, higher_is_better: bool = True) -> dict[str, Tensor]:
     """The win rate of aligned samples `new` against `old` as SACPO counts it: a win 1, a tie 0.5, a loss 0.
     (M,) -> () or (R, M) -> (R,), under the name `win_rate`."""
-    wins = new > old if higher_is_better else new < old
-    return {"win_rate": (wins.double() + 0.5 * (new == old).double()).mean(-1)}
+    return _win_rate(outcomes(new, old, higher_is_better))
+
+
+def _win_rate(judgements: Tensor) -> dict[str, Tensor]:
+    """The mean of judgements in [0, 1] (1: the model's sample wins), (M,) -> () or (R, M) -> (R,)."""
+    return {"win_rate": judgements.double().mean(-1)}
 
 
 def score_with(scorer: Scorer, prompts: list[str], completions: list[str], what: str) -> torch.Tensor:
@@ -197,8 +202,8 @@ def sample_and_score(
     """Sample `samples_per_prompt` completions per prompt from `model`, score them, and describe them.
 
     Returns (metrics, rows, draws): metrics `{prefix}/distinct_1|2`, `{prefix}/perplexity` on `heldout_texts`
-    when given; rows `{"prompt", "completion", "reward", "cost"}`, K per prompt in the prompts' order (cost None
-    without a scorer); draws the per-completion reward, cost, log pi_model - log pi_reference (zero when the
+    when given; rows `{"prompt_index", "sample", "prompt", "completion", "reward", "cost"}`, K per prompt in the
+    prompts' order (cost None without a scorer); draws the per-completion reward, cost, log pi_model - log pi_reference (zero when the
     reference is None or the model itself) and length in new tokens, as (N, K).
     """
     prompts = list(prompts)
@@ -236,7 +241,8 @@ def sample_and_score(
     if heldout_texts:
         metrics[f"{prefix}/perplexity"] = perplexity(model, tokenizer, heldout_texts, batch_size=batch_size)
     rows = [
-        {"prompt": p, "completion": c, "reward": rewards[i].item(), "cost": None if costs is None else costs[i].item()}
+        {"prompt_index": i // k, "sample": i % k, "prompt": p, "completion": c, "reward": rewards[i].item(),
+         "cost": None if costs is None else costs[i].item()}
         for i, (p, c) in enumerate(zip(repeated, completions))
     ]
     lengths = torch.tensor(samples.lengths, dtype=torch.float64)
@@ -276,12 +282,19 @@ def evaluate_model(
     return _summarise(draws, statistics, index, confidence, prefix) | metrics, rows
 
 
+def model_prefix(name: str) -> str:
+    """Where `compare` puts a model's metrics: `ref_eval` (the reference), `eval` (the policy), `<name>_eval`."""
+    return {"reference": "ref_eval", "policy": "eval"}.get(name, f"{name}_eval")
+
+
 def compare(
     policy,
     reference,
     tokenizer,
     prompts: Sequence[str],
     *,
+    intermediates: dict[str, object] | None = None,
+    judges: dict[str, Judge] | None = None,
     alpha: float = 0.1,
     alphas: Sequence[float] = (),
     cost_threshold: float = 0.5,
@@ -291,55 +304,88 @@ def compare(
     subsets: dict[str, Sequence[int]] | None = None,
     **sampling,
 ) -> tuple[dict[str, float], list[dict]]:
-    """`evaluate_model` of the reference (prefix `ref_eval`, KL 0) and of the policy (prefix `eval`, KL to the
-    reference) on the same prompts and seed, the policy's change `eval/delta/<metric>` (policy minus
-    reference) of every reward and cost metric, with its interval from a paired bootstrap (the same resampled
-    prompts for both models), and the policy's win rates against the reference, `eval/reward_win_rate`
-    (helpfulness: higher reward wins) and `eval/cost_win_rate` (harmlessness: lower cost wins), a tie counting
-    0.5 as in SACPO. `subsets` (name -> prompt indices, e.g. harmful and benign requests) repeat all of it on
-    those prompts' samples under `eval/<name>/...`, `ref_eval/<name>/...`, `eval/<name>/delta/...`. Returns the
-    merged metrics and the policy's rows, each with the reference's completion side by side (`ref_completion`,
-    `ref_reward`, `ref_cost`)."""
+    """`evaluate_model` of the reference (prefix `ref_eval`, KL 0), of each of `intermediates` (name -> model,
+    e.g. a stepwise run's step-1 policy: prefix `<name>_eval`) and of the policy (prefix `eval`), all on the same
+    prompts and seed with their KL to the reference, and their comparisons:
+
+    - each model's change against the reference, `<prefix>/delta/<metric>` (model minus reference), for every
+      reward, cost and length metric, with its interval from a paired bootstrap (the same resampled prompts for
+      every model), and the policy's change against each intermediate, `eval/delta_<name>/<metric>`;
+    - each model's win rates against the reference, `<prefix>/reward_win_rate` (helpfulness: higher reward wins)
+      and `<prefix>/cost_win_rate` (harmlessness: lower cost wins), a tie counting 0.5 as in SACPO, and
+      `<prefix>/<judge>_win_rate` for each of `judges` (name -> a pairwise judge, `riskexp.judges`).
+
+    `subsets` (name -> prompt indices, e.g. harmful and benign requests) repeat all of it on those prompts'
+    samples under `<prefix>/<subset>/...`. Returns the merged metrics and every model's rows (`sample_and_score`'s
+    with `model`: reference, the intermediates' names, policy), in that order."""
     if reference is None:
         raise ValueError("compare needs a reference model")
+    models = {"reference": reference, **(intermediates or {}), "policy": policy}
+    if len(models) != 2 + len(intermediates or {}):
+        raise ValueError(f"intermediates {sorted(intermediates)} may not be named 'reference' or 'policy'")
     statistics = _statistics(tail_levels(alpha, alphas), cost_threshold)
-    ref_metrics, ref_rows, ref_draws = sample_and_score(reference, reference, tokenizer, prompts, seed=seed,
-                                                        prefix="ref_eval", **sampling)
-    metrics, rows, draws = sample_and_score(policy, reference, tokenizer, prompts, seed=seed, prefix="eval",
-                                            **sampling)
+    metrics, rows, draws = {}, [], {}
+    for name, model in models.items():
+        named, model_rows, draws[name] = sample_and_score(model, reference, tokenizer, prompts, seed=seed,
+                                                          prefix=model_prefix(name), **sampling)
+        metrics |= named
+        rows += [{"model": name, **row} for row in model_rows]
+    judged = {}  # judge -> model -> (N, K) judgements of the model's samples against the reference's
+    for judge_name, judge in (judges or {}).items():
+        ref_texts = [r["completion"] for r in rows if r["model"] == "reference"]
+        judged[judge_name] = {}
+        for name in models.keys() - {"reference"}:
+            texts = [r["completion"] for r in rows if r["model"] == name]
+            prompts_ = [r["prompt"] for r in rows if r["model"] == name]
+            values = check_judgement(judge(prompts_, texts, ref_texts), len(texts), judge_name)
+            judged[judge_name][name] = values.view_as(draws[name].reward)
     summarise = functools.partial(_compare_draws, statistics=statistics, bootstrap_samples=bootstrap_samples,
                                   confidence=confidence, seed=seed)
-    out = summarise(draws, ref_draws) | ref_metrics | metrics
-    for name, members in (subsets or {}).items():
-        members = torch.as_tensor(list(members), dtype=torch.long)
-        if members.numel():
-            out |= summarise(draws.take(members), ref_draws.take(members), subset=name)
-    for row, ref in zip(rows, ref_rows):
-        row.update({"ref_completion": ref["completion"], "ref_reward": ref["reward"], "ref_cost": ref["cost"]})
-    return out, rows
+    everyone = slice(None)
+    for subset, members in [(None, everyone), *(subsets or {}).items()]:
+        if subset is not None:
+            members = torch.as_tensor(list(members), dtype=torch.long)
+            if not members.numel():
+                continue
+        taken = {name: d.take(members) for name, d in draws.items()}
+        judgements = {name: {j: v[members] for j, v in by_model.items()} for name, by_model in judged.items()}
+        metrics |= summarise(taken, judgements, subset=subset)
+    return metrics, rows
 
 
-def _compare_draws(draws: Draws, ref_draws: Draws, *, statistics: dict[str, Statistic], bootstrap_samples: int,
-                   confidence: float, seed: int, subset: str | None = None) -> dict[str, float]:
-    """Both models' statistics, the changes and the win rates of one set of prompts, under `eval/`, `ref_eval/`,
-    `eval/delta/` (or `eval/<subset>/`, `ref_eval/<subset>/`, `eval/<subset>/delta/`)."""
+def _compare_draws(draws: dict[str, Draws], judged: dict[str, dict[str, Tensor]], *,
+                   statistics: dict[str, Statistic], bootstrap_samples: int, confidence: float, seed: int,
+                   subset: str | None = None) -> dict[str, float]:
+    """Every model's statistics, changes and win rates on one set of prompts (all, or `subset`), named as in
+    `compare`. `draws`: model -> its draws (the reference first, the policy last); `judged`: judge -> model ->
+    (N, K) judgements against the reference."""
     inner = f"/{subset}" if subset else ""
-    index = resample_prompts(draws.reward.shape[0], bootstrap_samples, seed)
-    out = _summarise(ref_draws, statistics, index, confidence, f"ref_eval{inner}")
-    out |= _summarise(draws, statistics, index, confidence, f"eval{inner}")
-    for kind in _CHANGED:
-        new, old = getattr(draws, kind), getattr(ref_draws, kind)
-        if new is not None:
-            change = bootstrap(paired_change(statistics[kind]), [new, old], index, confidence)
-            out |= _named(f"eval{inner}/delta" if subset else "eval/delta", kind, change)
-    # the policy's k-th sample of a prompt against the reference's k-th: the reward judges helpfulness, the
-    # cost harmlessness (lower wins)
-    for kind, higher_is_better in (("reward", True), ("cost", False)):
-        new, old = getattr(draws, kind), getattr(ref_draws, kind)
-        if new is not None:
-            judged = bootstrap(functools.partial(win_rate, higher_is_better=higher_is_better), [new, old], index,
-                               confidence)
-            out |= _named(f"eval{inner}", kind, judged)
+    reference = draws["reference"]
+    index = resample_prompts(reference.reward.shape[0], bootstrap_samples, seed)
+    out = {}
+    for name, model_draws in draws.items():
+        out |= _summarise(model_draws, statistics, index, confidence, model_prefix(name) + inner)
+    changes = [(name, "reference", f"{model_prefix(name)}{inner}/delta") for name in draws if name != "reference"]
+    changes += [("policy", name, f"eval{inner}/delta_{name}") for name in draws if name not in ("reference", "policy")]
+    for new_name, old_name, prefix in changes:
+        for kind in _CHANGED:
+            new, old = getattr(draws[new_name], kind), getattr(draws[old_name], kind)
+            if new is not None:
+                change = bootstrap(paired_change(statistics[kind]), [new, old], index, confidence)
+                out |= _named(prefix, kind, change)
+    for name in draws.keys() - {"reference"}:
+        prefix = model_prefix(name) + inner
+        # the model's k-th sample of a prompt against the reference's k-th: the reward judges helpfulness, the
+        # cost harmlessness (lower wins)
+        for kind, higher_is_better in (("reward", True), ("cost", False)):
+            new, old = getattr(draws[name], kind), getattr(reference, kind)
+            if new is not None:
+                judgements = outcomes(new, old, higher_is_better)
+                out |= {f"{prefix}/{kind}_{k}": v for k, v in bootstrap(_win_rate, [judgements], index,
+                                                                        confidence).items()}
+        for judge_name, by_model in judged.items():
+            out |= {f"{prefix}/{judge_name}_{k}": v
+                    for k, v in bootstrap(_win_rate, [by_model[name]], index, confidence).items()}
     return out
 
 
@@ -386,55 +432,90 @@ _SUBSET_ROWS = ("reward_mean", "reward_cvar", "cost_mean", "cost_cvar", "cost_ra
                 "cost_win_rate")
 
 
-def _comparison_rows(results: dict, level: float | None, subset: str = "") -> list[tuple[str, str, str, str]]:
+def intermediates_of(results: dict) -> list[str]:
+    """The names of the models `compare` evaluated between the reference and the policy (`step1`), in order."""
+    return [key.split("_eval/", 1)[0] for key in results
+            if key.endswith("_eval/reward_mean") and key.count("/") == 1 and key != "ref_eval/reward_mean"]
+
+
+def judges_of(results: dict) -> list[str]:
+    """The pairwise judges of `results` besides the reward and the cost (`eval/<judge>_win_rate`)."""
+    return [key[len("eval/"):-len("_win_rate")] for key in results if key.endswith("_win_rate")
+            and key.count("/") == 1 and key.startswith("eval/") and key not in ("eval/reward_win_rate",
+                                                                                "eval/cost_win_rate")]
+
+
+def _comparison_rows(results: dict, level: float | None, subset: str = "") -> list[tuple[str, ...]]:
+    """metric | reference | each intermediate | trained | change | change against each intermediate."""
     inner = f"/{subset}" if subset else ""
+    models = ["reference", *intermediates_of(results), "policy"]
+    table = _TABLE + [(f"{judge}_win_rate", "samples") for judge in judges_of(results)]
     rows = []
-    for name, counted in _TABLE:
-        if subset and name not in _SUBSET_ROWS:
+    for name, counted in table:
+        if subset and name not in _SUBSET_ROWS and name.removesuffix("_win_rate") not in judges_of(results):
             continue
-        ref_key, new_key, delta_key = f"ref_eval{inner}/{name}", f"eval{inner}/{name}", f"eval{inner}/delta/{name}"
-        if ref_key not in results and new_key not in results:
+        keys = {m: f"{model_prefix(m)}{inner}/{name}" for m in models}
+        if not any(key in results for key in keys.values()):
             continue
-        if delta_key in results:
-            change = _cell(results, delta_key, "+")
-        elif name == "kl" and new_key in results:  # the reference's KL to itself is 0: the change is the KL
-            change = _cell(results, new_key, "+")
-        elif ref_key in results and new_key in results:
-            change = format_estimate(float(results[new_key]) - float(results[ref_key]), sign="+")
-        else:  # a win rate is a comparison itself
-            change = "-"
-        rows.append((_label(name, counted, results, level, subset), _cell(results, ref_key),
-                     _cell(results, new_key), change))
+        changes = [_change(results, keys["policy"], keys["reference"], f"eval{inner}/delta/{name}", name)]
+        changes += [_change(results, keys["policy"], keys[m], f"eval{inner}/delta_{m}/{name}", name, kl=False)
+                    for m in models[1:-1]]
+        if name in METRIC_LABELS:
+            label = _label(name, counted, results, level, subset)
+        else:  # another judge's win rate
+            label = f"{subset}: " * bool(subset) + f"win rate by {name.removesuffix('_win_rate')}"
+        rows.append((label, *(_cell(results, keys[m]) for m in models), *changes))
     return rows
 
 
+def _change(results: dict, new_key: str, old_key: str, delta_key: str, name: str, kl: bool = True) -> str:
+    """The change cell: the paired change with its interval, else the plain difference, else `-`."""
+    if delta_key in results:
+        return _cell(results, delta_key, "+")
+    if name == "kl":  # the reference's KL to itself is 0: the change is the KL; between two policies, none
+        return _cell(results, new_key, "+") if kl and new_key in results else "-"
+    if name.endswith("_win_rate"):  # a win rate is a comparison itself
+        return "-"
+    if new_key in results and old_key in results:
+        return format_estimate(float(results[new_key]) - float(results[old_key]), sign="+")
+    return "-"
+
+
 def format_comparison(results: dict, level: float | None = None, confidence: float | None = None) -> str:
-    """A plain-text table: metric | reference | trained | change, for the metrics present in `results`, with
-    bootstrap intervals in brackets (the change's from the paired bootstrap, `eval/delta/...`), each row named
-    with its level (`level`: the headline eval.alpha) and counts (`eval_prompts`, `eval_samples_per_prompt`,
+    """A plain-text table: metric | reference | [intermediates] | trained | change [| change against each
+    intermediate], for the metrics present in `results`, with bootstrap intervals in brackets (the changes' from
+    the paired bootstrap, `eval/delta/...`, `eval/delta_<intermediate>/...`), each row named with its level
+    (`level`: the headline eval.alpha) and counts (`eval_prompts`, `eval_samples_per_prompt`,
     `eval_heldout_texts`, `val_pairs` in `results`), the rows of each prompt subset (`eval_prompts/<subset>`)
-    after those of all prompts, then a legend of the intervals, win rates and accuracies."""
+    after those of all prompts, then a legend of the intervals, win rates and accuracies. The intermediates are
+    the models `compare` evaluated between the two, e.g. a stepwise run's step 1 (`step1_eval/...`)."""
     subsets = [key.split("/", 1)[1] for key in results if key.startswith("eval_prompts/")]
+    between = intermediates_of(results)
     rows = _comparison_rows(results, level) + [r for name in subsets for r in _comparison_rows(results, level, name)]
-    accuracies = [(_label(name, "pairs", results, None), "-", _cell(results, f"val/{name}"), "-")
+    blank = ("-",) * len(between)
+    accuracies = [(_label(name, "pairs", results, None), "-", *blank, _cell(results, f"val/{name}"), "-", *blank)
                   for name in _ACCURACIES if f"val/{name}" in results]
-    header = ("metric", "reference", "trained", "change")
-    widths = [max(len(r[i]) for r in [header, *rows, *accuracies]) for i in range(4)]
+    header = ("metric", "reference", *between, "trained", "change", *(f"change vs {m}" for m in between))
+    widths = [max(len(r[i]) for r in [header, *rows, *accuracies]) for i in range(len(header))]
 
     def line(cells) -> str:  # metric names left-aligned, numbers right-aligned
         return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
     percent = "" if confidence is None else f"{confidence:.0%} "
-    legend = [f"[ ]: {percent}bootstrap interval over prompts; change = trained - reference, with the paired "
-              "interval (the same resampled prompts for both models); distinct-2 and perplexity have none."] if rows else []
+    versus = "".join(f"; change vs {m} = trained - {m}" for m in between)
+    legend = [f"[ ]: {percent}bootstrap interval over prompts; change = trained - reference{versus}, with the "
+              "paired interval (the same resampled prompts for every model); distinct-2 and perplexity have "
+              "none."] if rows else []
     if any("win rate" in r[0] for r in rows):
-        legend.append("win rate: share of the trained policy's samples that beat the reference's sample of the same "
-                      "prompt (same draw), by higher reward (helpfulness) or lower cost (harmlessness); a tie counts 0.5.")
+        judges = "".join(f", by {j}" for j in judges_of(results))
+        legend.append(f"win rate: share of a model's samples that beat the reference's sample of the same prompt "
+                      f"(same draw), by higher reward (helpfulness) or lower cost (harmlessness){judges}; a tie "
+                      "counts 0.5.")
     if accuracies:
         legend.append("accuracies: share of the validation pairs whose chosen response the trained policy ranks "
                       "above the rejected one, by the DPO implicit reward beta*log(pi/pi_ref) (implicit accuracy; "
                       "comparable across methods) or by the method's own reward (reward accuracy; TDPO and Ra-DPO "
                       "add their token-level term).")
-    width = max(sum(widths) + 6, 100)
+    width = max(sum(widths) + 2 * (len(widths) - 1), 100)
     return "\n".join([line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows + accuracies),
                       *(textwrap.fill(text, width, subsequent_indent="  ") for text in legend)])

@@ -62,10 +62,13 @@ def _take(items: list, requested: int, key: str, what: str) -> list:
     return items[:requested]
 
 
-def evaluate_task(cfg: DictConfig, policy, reference, tokenizer) -> tuple[dict, list[dict]]:
-    """Sample, score and compare the policy with the reference on the task's held-out prompts: tails at the
-    headline `eval.alpha` and at each of `eval.alphas` and the run's own `alpha`, with bootstrap intervals.
-    The metrics carry the counts they are over: `eval_prompts`, `eval_samples_per_prompt`, `eval_heldout_texts`."""
+def evaluate_task(cfg: DictConfig, policy, reference, tokenizer, intermediates: dict | None = None
+                  ) -> tuple[dict, list[dict]]:
+    """Sample, score and compare the policy (and `intermediates`, name -> model, e.g. a stepwise run's step 1)
+    with the reference on the task's held-out prompts: tails at the headline `eval.alpha` and at each of
+    `eval.alphas` and the run's own `alpha`, with bootstrap intervals, and win rates by the reward, the cost and
+    each of `eval.judges`. The metrics carry the counts they are over: `eval_prompts`,
+    `eval_samples_per_prompt`, `eval_heldout_texts`."""
     from riskexp.evaluation import compare
 
     task, settings = cfg.data.task, cfg.eval
@@ -82,6 +85,8 @@ def evaluate_task(cfg: DictConfig, policy, reference, tokenizer) -> tuple[dict, 
         counts[f"eval_prompts/{name}"] = len(subsets[name])
     metrics, rows = compare(
         policy, reference, tokenizer, prompts,
+        intermediates=intermediates,
+        judges={name: instantiate(judge) for name, judge in settings.judges.items()},
         reward=instantiate(task.reward),
         cost=instantiate(task.cost) if task.get("cost") else None,
         alpha=settings.alpha,
@@ -121,13 +126,29 @@ def saves_policy(cfg: DictConfig) -> bool:
     return HydraConfig.get().mode != RunMode.MULTIRUN
 
 
-def log_evaluation(logger, metrics: dict, rows: list[dict], n_rows: int) -> None:
+SAMPLES_FILE = "samples.jsonl"
+
+
+def record_evaluation(out: Path, logger, metrics: dict, rows: list[dict], n_rows: int) -> None:
+    """Every evaluated completion to `out/samples.jsonl` (one row per model, prompt and sample: what the report's
+    Elo ratings are computed from), and the metrics and a side-by-side table of the first `n_rows` samples (each
+    model's completion, reward and cost) to the logger."""
+    from riskexp.files import write_jsonl
+
+    write_jsonl(rows, out / SAMPLES_FILE)
     if not logger:
         return
     logger.log_metrics(metrics)
     if hasattr(logger, "log_table") and rows:
-        columns = list(rows[0])
-        logger.log_table("eval/samples", columns=columns, data=[[r[c] for c in columns] for r in rows[:n_rows]])
+        import pandas as pd
+
+        table = pd.DataFrame(rows).pivot(index=["prompt_index", "sample", "prompt"], columns="model",
+                                         values=["completion", "reward", "cost"])
+        models = list(dict.fromkeys(r["model"] for r in rows))
+        table = table.reindex(columns=[(v, m) for m in models for v in ("completion", "reward", "cost")])
+        table.columns = [f"{m} {v}" for v, m in table.columns]
+        table = table.reset_index().drop(columns=["prompt_index", "sample"]).head(n_rows)
+        logger.log_table("eval/samples", dataframe=table)
 
 
 def build_logger(cfg: DictConfig, out: Path):
@@ -185,10 +206,11 @@ def run(cfg: DictConfig) -> dict:
 
 
 def train_preference(cfg: DictConfig, out: Path, resume_from: Path | None, record: DictConfig | None = None,
-                     extra: dict | None = None) -> dict:
+                     extra: dict | None = None, evaluation=None) -> dict:
     """The preference family's recipe: build the policy, reference, data and Lightning module from `cfg`, train,
     validate, evaluate on the task and write `out/results.json`. `record` is the config the record describes
-    (default `cfg`; a stepwise job records its own, not its step's), `extra` more keys for it."""
+    (default `cfg`; a stepwise job records its own, not its step's), `extra` more keys for it, `evaluation` what
+    evaluates the trained policy (default `evaluate_task(cfg, policy, reference, tokenizer)`)."""
     import lightning as L
 
     from riskexp.console import StepLines, tidy_third_party_output
@@ -257,9 +279,9 @@ def train_preference(cfg: DictConfig, out: Path, resume_from: Path | None, recor
         **{k: float(v) for k, v in val_metrics.items()},
     }
     if cfg.eval.enabled and cfg.data.get("task") and trainer.is_global_zero:
-        metrics, rows = evaluate_task(cfg, module.policy, module.reference, tokenizer)
+        metrics, rows = (evaluation or evaluate_task)(cfg, module.policy, module.reference, tokenizer)
         results |= metrics
-        log_evaluation(logger, metrics, rows, cfg.eval.samples_logged)
+        record_evaluation(out, logger, metrics, rows, cfg.eval.samples_logged)
     if saves_policy(cfg) and trainer.is_global_zero:
         policy.save_pretrained(out / "policy")
         tokenizer.save_pretrained(out / "policy")

@@ -68,6 +68,7 @@ class EvalConfig:
     confidence: float = 0.95
     num_heldout_texts: int = 64
     samples_logged: int = 16
+    judges: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

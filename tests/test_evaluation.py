@@ -193,7 +193,10 @@ def test_compare_and_format(tiny, other):
         assert delta == pytest.approx(metrics[f"eval/{name}"] - metrics[f"ref_eval/{name}"]), name
         assert metrics[f"eval/delta/{name}/lo"] <= metrics[f"eval/delta/{name}/hi"], name
     assert "eval/delta/kl" not in metrics
-    assert set(rows[0]) >= {"prompt", "completion", "reward", "cost", "ref_completion", "ref_reward"}
+    # every model's completions, the reference's first, each with its prompt and sample index
+    assert [r["model"] for r in rows] == ["reference"] * 4 + ["policy"] * 4
+    assert set(rows[0]) == {"model", "prompt_index", "sample", "prompt", "completion", "reward", "cost"}
+    assert [(r["prompt_index"], r["sample"]) for r in rows[4:]] == [(i, 0) for i in range(4)]
     table = format_comparison({**metrics, "val/implicit_accuracy": 0.75})
     for text in ("metric", "reference", "trained", "reward mean", "reward CVaR", "cost rate", "KL", "distinct-2",
                  "implicit accuracy"):
@@ -216,6 +219,50 @@ def test_a_model_against_an_identical_copy_changes_nothing(tiny):
     assert metrics["eval/reward_win_rate"] == metrics["eval/cost_win_rate"] == 0.5  # every sample a tie
 
 
+def test_an_intermediate_model_is_compared_with_the_reference_and_the_policy_with_it(tiny, other):
+    ref, tok = tiny
+    metrics, rows = compare(other, ref, tok, PROMPTS[:3], intermediates={"step1": copy.deepcopy(ref)},
+                            reward=length_reward, cost=e_cost, bootstrap_samples=50, samples_per_prompt=2,
+                            subsets={"first": [0]}, **GEN)
+    assert [r["model"] for r in rows[::6]] == ["reference", "step1", "policy"]
+    # step 1 is a copy of the reference: the same samples, no change, every sample a tie, KL 0
+    assert metrics["step1_eval/reward_mean"] == metrics["ref_eval/reward_mean"]
+    assert metrics["step1_eval/delta/cost_mean"] == 0.0 and metrics["step1_eval/kl"] == 0.0
+    assert metrics["step1_eval/reward_win_rate"] == 0.5 and metrics["step1_eval/first/cost_win_rate"] == 0.5
+    # the policy against step 1 equals the policy against the reference
+    for name in ("reward_mean", "cost_cvar", "length_mean"):
+        assert metrics[f"eval/delta_step1/{name}"] == metrics[f"eval/delta/{name}"], name
+    assert metrics["eval/first/delta_step1/reward_mean"] == metrics["eval/first/delta/reward_mean"]
+    table = format_comparison(metrics | {"eval_prompts": 3, "eval_samples_per_prompt": 2, "eval_prompts/first": 1})
+    header = table.splitlines()[0].split()
+    assert header[:4] == ["metric", "reference", "step1", "trained"] and header[-3:] == ["change", "vs", "step1"]
+    kl_row = next(line for line in table.splitlines() if line.startswith("KL to reference"))
+    assert kl_row.rstrip().endswith("-")  # two policies' KLs to the reference differ by no KL
+    with pytest.raises(ValueError, match="'reference' or 'policy'"):
+        compare(other, ref, tok, PROMPTS[:1], intermediates={"policy": ref}, reward=length_reward, **GEN)
+
+
+def test_a_pairwise_judge_gives_a_win_rate_with_its_interval(tiny, other):
+    ref, tok = tiny
+    calls = []
+
+    def longer(prompts, a, b):  # a judge preferring the longer response
+        calls.append((list(prompts), list(a), list(b)))
+        return torch.tensor([1.0 if len(x) > len(y) else 0.5 if len(x) == len(y) else 0.0 for x, y in zip(a, b)])
+
+    metrics, rows = compare(other, ref, tok, PROMPTS, reward=length_reward, judges={"longer": longer},
+                            bootstrap_samples=50, samples_per_prompt=2, **GEN)
+    # judged on the texts, it agrees with the win rate by the length reward
+    assert metrics["eval/longer_win_rate"] == metrics["eval/reward_win_rate"]
+    assert metrics["eval/longer_win_rate/lo"] <= metrics["eval/longer_win_rate"] <= metrics["eval/longer_win_rate/hi"]
+    (prompts, a, b), = calls
+    assert a == [r["completion"] for r in rows if r["model"] == "policy"]
+    assert b == [r["completion"] for r in rows if r["model"] == "reference"] and len(prompts) == 8
+    assert "win rate by longer" in format_comparison(metrics)
+    with pytest.raises(ValueError, match="bad"):
+        compare(other, ref, tok, PROMPTS, reward=length_reward, judges={"bad": lambda p, a, b: torch.ones(3)}, **GEN)
+
+
 def test_win_rate_counts_a_tie_half():
     new, old = torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([0.0, 2.0, 5.0, 1.0])
     assert win_rate(new, old)["win_rate"].item() == pytest.approx((1 + 0.5 + 0 + 1) / 4)
@@ -227,7 +274,7 @@ def test_subsets_of_the_prompts_are_summarised_apart_from_the_same_samples(tiny)
     model, tok = tiny
     metrics, rows = compare(model, copy.deepcopy(model), tok, PROMPTS[:3], reward=length_reward, cost=e_cost,
                             bootstrap_samples=50, samples_per_prompt=2, subsets={"first": [0], "rest": [1, 2]}, **GEN)
-    first = [r["reward"] for r in rows if r["prompt"] == PROMPTS[0]]
+    first = [r["reward"] for r in rows if r["prompt"] == PROMPTS[0] and r["model"] == "policy"]
     assert metrics["eval/first/reward_mean"] == pytest.approx(sum(first) / len(first))
     for key in ("ref_eval/rest/cost_cvar", "eval/rest/delta/reward_mean/hi", "eval/first/cost_win_rate/lo",
                 "eval/rest/kl"):
@@ -244,7 +291,7 @@ def test_evaluate_task_headline_is_eval_alpha_and_the_run_alpha_is_a_level(smoke
                     "eval.bootstrap_samples=100")
     model, tok = instantiate(cfg.model.loader)
     metrics, rows = evaluate_task(cfg, model, model, tok)
-    assert len(rows) == 3 * 2
+    assert len(rows) == 2 * 3 * 2  # the reference's and the policy's
     assert metrics["eval/reward_cvar"] == metrics["eval/reward_cvar@0.1"]  # eval.alpha, not the run's 0.95
     for level in ("0.05", "0.25", "0.95"):
         assert f"eval/reward_cvar@{level}" in metrics and f"eval/delta/reward_cvar@{level}/hi" in metrics

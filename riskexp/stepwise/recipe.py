@@ -178,6 +178,24 @@ def train_stepwise(cfg: DictConfig, out: Path, resume_from: Path | None) -> dict
     inert = sorted(set(inert_knobs(step1_cfg)) & set(inert_knobs(step2_cfg)) - {"lam"})
     log.info("step 2 (%s, beta/lam=%g): training in %s from %s", STEP_ORDERS[cfg.algo.order][1],
              cfg.algo.beta / cfg.algo.lam, out, step1_dir)
+    sft = cfg.model.ref_path or cfg.model.path  # step 1's reference: the SFT/base model
     extra = {"step": 2, "lam": cfg.algo.lam, "step1_dir": str(step1_dir), "reference": step2_cfg.model.ref_path,
-             "inert": inert}
-    return train_preference(step2_cfg, out, resume_from, record=cfg, extra=extra)
+             "eval_reference": sft or cfg.model.name, "inert": inert}
+    return train_preference(step2_cfg, out, resume_from, record=cfg, extra=extra,
+                            evaluation=functools.partial(evaluate_against_sft, sft_path=sft))
+
+
+def evaluate_against_sft(cfg: DictConfig, policy, step1_policy, tokenizer, sft_path: str | None) -> tuple[dict, list]:
+    """Step 2's evaluation as the papers report it: the step-2 policy and the step-1 (helpfulness-only) policy,
+    its training reference, both against the SFT/base model that step 1 started from (`sft_path`, else the
+    base model): the win rates and changes of both against the SFT model (`eval/...`, `step1_eval/...`) and
+    step 2's change against step 1 (`eval/delta_step1/...`)."""
+    from hydra.utils import instantiate
+
+    from riskexp.models import build_policy_and_reference
+    from riskexp.run import evaluate_task
+
+    loader = instantiate(cfg.model.loader, _partial_=True)
+    sft, _, _ = build_policy_and_reference(loader, sft_path, None, cfg.model.dtype, need_reference=False)
+    sft.requires_grad_(False).eval().to(next(policy.parameters()).device)
+    return evaluate_task(cfg, policy, sft, tokenizer, intermediates={"step1": step1_policy})
