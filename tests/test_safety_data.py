@@ -43,6 +43,17 @@ def test_harmlessness_pairs_follow_safer_response_id(tmp_path):
     assert records[0]["chosen_cost"] == 0.05 and records[0]["rejected_reward"] == 0.9
 
 
+def test_harmlessness_pairs_can_keep_only_rows_with_one_safe_and_one_unsafe_response(tmp_path):
+    path = str(write_jsonl(tmp_path / "train.jsonl", ROWS))
+    kept = load_pku_saferlhf(path, pairs="harmlessness", harmlessness_rows="safe_vs_unsafe")
+    assert [r["chosen"] for r in kept] == ["I can't help with that."]  # two safe answers to France: left out
+    # helpfulness and unpaired labels read every row
+    assert len(load_pku_saferlhf(path, pairs="helpfulness", harmlessness_rows="safe_vs_unsafe")) == 2
+    assert len(load_pku_saferlhf(path, pairs="unpaired", harmlessness_rows="safe_vs_unsafe")) == 4
+    with pytest.raises(ValueError, match="harmlessness_rows='some'.*all, safe_vs_unsafe"):
+        load_pku_saferlhf(path, pairs="harmlessness", harmlessness_rows="some")
+
+
 def test_unpaired_safety_labels_give_two_completions_per_row(tmp_path):
     records = load_pku_saferlhf(str(write_jsonl(tmp_path / "train.jsonl", ROWS)), pairs="unpaired")
     assert [(r["completion"], r["label"]) for r in records] == [

@@ -19,6 +19,8 @@ PKU_COLUMNS = ("prompt", "response_0", "response_1", "is_response_0_safe", "is_r
                "better_response_id", "safer_response_id")
 # which preference a row gives: by `better_response_id`, by `safer_response_id`, or unpaired safety labels
 PAIRINGS = {"helpfulness": "better_response_id", "harmlessness": "safer_response_id", "unpaired": None}
+# which rows give harmlessness pairs: all (SACPO), or those whose two responses differ in their safety labels
+HARMLESSNESS_ROWS = ("all", "safe_vs_unsafe")
 
 
 def _response_id(row: dict, key: str) -> int:
@@ -73,6 +75,7 @@ def load_pku_saferlhf(
     pairs: str = "helpfulness",
     data_dir: str | None = None,
     limit: int | None = None,
+    harmlessness_rows: str = "all",
 ) -> list[dict]:
     """PKU-SafeRLHF rows as preference records (`pairs="helpfulness"`: chosen = `better_response_id`;
     `"harmlessness"`: chosen = `safer_response_id`) or unpaired safety-labelled completions (`"unpaired"`).
@@ -81,10 +84,20 @@ def load_pku_saferlhf(
     laid out like the hub repository, or a hub dataset name (`PKU-Alignment/PKU-SafeRLHF-30K`,
     `PKU-Alignment/PKU-SafeRLHF` with `data_dir` for a subset such as `data/Alpaca-7B`). Malformed rows are
     skipped with one counted warning; `limit` keeps the records of the first `limit` valid rows.
+
+    `harmlessness_rows="safe_vs_unsafe"` takes harmlessness pairs only from rows with one safe and one unsafe
+    response (`is_response_k_safe` differ), leaving out rows where `safer_response_id` ranks two safe (or two
+    unsafe) responses: in a set labelled by a cost scorer (the embedded one) that ranking is the scorer's
+    noise between two refusals or two harmless answers; SACPO trains on all rows of the human-labelled set.
     """
     if pairs not in PAIRINGS:
         raise ValueError(f"data.source.pairs={pairs!r} is not a pairing; accepted: {', '.join(PAIRINGS)}")
+    if harmlessness_rows not in HARMLESSNESS_ROWS:
+        raise ValueError(f"data.source.harmlessness_rows={harmlessness_rows!r} is not accepted: one of "
+                         f"{', '.join(HARMLESSNESS_ROWS)}")
     _check_limit(limit)
     rows, source = read_split(name_or_path, split, data_dir, columns=PKU_COLUMNS)
+    if pairs == "harmlessness" and harmlessness_rows == "safe_vs_unsafe":
+        rows = [row for row in rows if row.get("is_response_0_safe") != row.get("is_response_1_safe")]
     return collect_records(rows, lambda row: pku_records(row, pairs), source, limit,
                            errors=(ValueError, KeyError, TypeError))
