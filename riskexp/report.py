@@ -855,8 +855,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     (out / "report.md").write_text(table)
     csv_table(summary).to_csv(out / "report.csv", index=False)
     print(table, end="")
-    for path in [out / "report.md", out / "report.csv", *plot(runs, out, args.group_by, info)]:
-        print(f"wrote {path}", file=sys.stderr)
+    # SACPO / RSA step-2 and P-SACPO merge runs also get stepwise.md, stepwise.csv and win_rates.png (imported
+    # here: riskexp.stepwise.report builds on this module)
+    from riskexp.stepwise.report import write_stepwise
+
+    written = [out / "report.md", out / "report.csv", *plot(runs, out, args.group_by, info)]
+    try:
+        written += write_stepwise(runs, out)
+    except ValueError as err:  # a malformed samples.jsonl: the files above are written all the same
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        for path in written:
+            print(f"wrote {path}", file=sys.stderr)
     return 0
 
 

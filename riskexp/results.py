@@ -16,6 +16,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from riskexp.files import atomic_write_text
 
 RESULTS_FILE = "results.json"
+SAMPLES_FILE = "samples.jsonl"  # every evaluated completion of a run (riskexp.run.record_evaluation)
 PACKAGE_DIR = str(Path(__file__).resolve().parent)
 
 # Config keys (and everything below them) that do not change a run's results: where things are written, what

@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from riskexp.results import (
+    SAMPLES_FILE,
     archive_results,
     check_same_config,
     provenance,
@@ -104,6 +105,8 @@ def evaluate_task(cfg: DictConfig, policy, reference, tokenizer, intermediates: 
         prompt_format=cfg.data.prompt_format,
         subsets=subsets,
     )
+    for row in rows:  # which subsets each completion's prompt is in, for the report's Elo ratings
+        row["subsets"] = [name for name, members in subsets.items() if row["prompt_index"] in members]
     return metrics | counts, rows
 
 
@@ -124,9 +127,6 @@ def saves_policy(cfg: DictConfig) -> bool:
     from hydra.types import RunMode
 
     return HydraConfig.get().mode != RunMode.MULTIRUN
-
-
-SAMPLES_FILE = "samples.jsonl"
 
 
 def record_evaluation(out: Path, logger, metrics: dict, rows: list[dict], n_rows: int) -> None:
