@@ -7,6 +7,7 @@ architecture.
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +18,8 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 SMOLLM2_TOKENIZER = ASSETS / "smollm2_tokenizer"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+log = logging.getLogger(__name__)
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -71,15 +74,51 @@ def tiny_llama(
 
 
 def from_pretrained(name_or_path: str, revision: str | None = None, dtype: str = "float32",
-                    attn_implementation: str | None = None):
-    """A hub model by name (needs a network) or a local directory saved with `save_pretrained`."""
+                    attn_implementation: str | None = None, chat_template: str | None = None):
+    """A hub model by name (needs a network) or a local directory saved with `save_pretrained`.
+
+    `chat_template` (a Jinja template) replaces the tokenizer's own, for models trained on a prompt template
+    their tokenizer does not carry (the safety papers' Alpaca SFT model): `data.prompt_format=chat` then renders
+    it in training, sampling and evaluation, and an exported policy keeps it in its tokenizer files. riskexp
+    tokenises chat-template text with `add_special_tokens=False`, so the template writes its own `{{ bos_token }}`.
+    """
     from transformers import AutoModelForCausalLM
 
+    if chat_template is not None and not (isinstance(chat_template, str) and chat_template.strip()):
+        raise ValueError(f"model.loader.chat_template={chat_template!r} is not accepted: a non-empty Jinja "
+                         "template string, or null for the tokenizer's own")
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     model = AutoModelForCausalLM.from_pretrained(
         str(name_or_path), revision=revision, dtype=torch_dtype(dtype), trust_remote_code=False, **kwargs
     )
-    return model, load_tokenizer(name_or_path, revision)
+    tokenizer = load_tokenizer(name_or_path, revision)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+        problem = chat_template_mismatch(tokenizer)
+        if problem:
+            log.warning("model.loader.chat_template: %s", problem)
+    return model, tokenizer
+
+
+def chat_template_mismatch(tokenizer) -> str | None:
+    """Whether a chat template that writes the BOS token into its text tokenises the rest as the tokenizer
+    tokenises that text alone (what a model trained on `tokenizer(text)` saw): None if so (or without a leading
+    BOS), else what differs. It differs for a SentencePiece tokenizer that puts its "▁" prefix only at the start
+    of a text (Llama's `legacy=False`): the word after the BOS then loses it."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                         tokenize=False)
+    bos = tokenizer.bos_token
+    if not bos or not text.startswith(bos):
+        return None
+    after_bos = tokenizer(text, add_special_tokens=False)["input_ids"][1:]
+    alone = tokenizer(text[len(bos):], add_special_tokens=False)["input_ids"]
+    if after_bos == alone:
+        return None
+    return (f"after its BOS, the template's text {text[len(bos):]!r} tokenises as "
+            f"{tokenizer.convert_ids_to_tokens(after_bos[:4])}..., not as the text alone "
+            f"({tokenizer.convert_ids_to_tokens(alone[:4])}...), which a model trained on `tokenizer(text)` saw; use a "
+            "format string as data.prompt_format instead (e.g. 'BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:'), "
+            "which the tokenizer gives its own BOS")
 
 
 SMOLLM2_HUB = "HuggingFaceTB/SmolLM2-135M-Instruct"

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import random
+import string
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,6 +45,12 @@ __all__ = [
     "SafetyReward",
     "SafetyCost",
     "SAFETY_LABELS",
+    "SAFE_RLHF_TEMPLATE",
+    "ScoreModel",
+    "SafeRLHFScorer",
+    "checkpoint_tensors",
+    "end_index",
+    "load_score_model",
     "fit_safety_head",
     "read_safety_examples",
     "safety_features",
@@ -1049,6 +1057,330 @@ def train_safety_main(args: argparse.Namespace) -> dict[str, Any]:
                                        if k not in ("data", "data_sha256", "cost")))
     print(f"saved safety head to {out}")
     return head.meta
+
+
+# ------------------------------------------------------------------------------------------------------------
+# safe-rlhf score models (the beaver reward and cost models of Safe RLHF, SACPO and RSA), without custom code
+# ------------------------------------------------------------------------------------------------------------
+
+#: the conversation a safe-rlhf score model reads: safe-rlhf's prompt template with the answer right after it
+SAFE_RLHF_TEMPLATE = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:{completion}"
+#: safe-rlhf's normalisation of each ``score_type`` (applied only where the config sets ``do_normalize``)
+SCORE_NORMALIZATION = {"reward": "affine", "cost": "scale", "critic": "identity"}
+_SCORE_HEAD_KEYS = ("score_head.weight", "score_head.bias")
+_NORMALIZER_KEYS = ("normalizer.mean", "normalizer.var")
+#: (index of a sharded checkpoint, single file), in the order transformers prefers them
+_CHECKPOINT_FILES = (
+    ("model.safetensors.index.json", "model.safetensors"),
+    ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+)
+
+
+def end_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` position of each row's last non-padding token (its last nonzero mask entry) in a ``(B, L)``
+    attention mask, left or right padded; a row without any token is an error."""
+    mask = attention_mask.bool()
+    if mask.ndim != 2:
+        raise ValueError(f"attention_mask must be (B, L), got shape {tuple(mask.shape)}")
+    empty = (~mask.any(-1)).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"attention_mask rows {empty} have no token to score")
+    return mask.shape[1] - 1 - mask.flip(-1).int().argmax(-1)
+
+
+class ScoreModel(torch.nn.Module):
+    """A transformer trunk and a linear score head: safe-rlhf's score model (``LlamaForScore``), the form of the
+    beaver reward and cost models, and of a PPO critic started from one.
+
+    :meth:`token_scores` gives the ``(B, L)`` float32 score at every position of ``input_ids`` ``(B, L)``;
+    :meth:`forward` the *end scores* ``(B,)``, each row's score at its last non-padding token (:func:`end_index`),
+    as safe-rlhf reads a reward or a cost. Position ids are counted from the attention mask, so a left-padded row
+    scores as it would alone. ``normalize`` is safe-rlhf's normaliser for configs with ``do_normalize``:
+    ``"affine"`` (s - mean) / (std + 1e-8), ``"scale"`` s / (std + 1e-8), ``"identity"`` s.
+    """
+
+    def __init__(
+        self,
+        trunk: torch.nn.Module,
+        head: torch.nn.Linear,
+        normalize: str = "identity",
+        mean: float = 0.0,
+        std: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if not isinstance(head, torch.nn.Linear) or head.out_features != 1:
+            raise ValueError(f"the score head must be a Linear with one output, got {head!r}")
+        accepted = sorted(set(SCORE_NORMALIZATION.values()))
+        if normalize not in accepted:
+            raise ValueError(f"normalize={normalize!r} is not accepted: one of {', '.join(accepted)}")
+        self.trunk = trunk
+        self.head = head
+        self.normalize = normalize
+        self.mean, self.std = float(mean), float(std)
+
+    @property
+    def config(self):
+        return self.trunk.config
+
+    def token_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``(B, L)`` float32 scores of every position (those at padding are meaningless)."""
+        mask = attention_mask.long()
+        position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+        hidden = self.trunk(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                            use_cache=False).last_hidden_state
+        scores = self.head(hidden).squeeze(-1).float()
+        if self.normalize == "affine":
+            return (scores - self.mean) / (self.std + 1e-8)
+        if self.normalize == "scale":
+            return scores / (self.std + 1e-8)
+        return scores
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` float32 end scores."""
+        end = end_index(attention_mask).to(input_ids.device)
+        return self.token_scores(input_ids, attention_mask).gather(1, end.unsqueeze(1)).squeeze(1)
+
+
+def _resolve_file(name_or_path: str, filename: str, revision: str | None) -> str | None:
+    """The local path of a checkpoint file (downloaded into the Hugging Face cache for a hub id), or None."""
+    from transformers.utils import cached_file
+
+    return cached_file(name_or_path, filename, revision=revision, _raise_exceptions_for_missing_entries=False,
+                       _raise_exceptions_for_connection_errors=False)
+
+
+def checkpoint_tensors(name_or_path: str | os.PathLike, keys: Sequence[str],
+                       revision: str | None = None) -> dict[str, torch.Tensor]:
+    """The tensors named ``keys`` that a checkpoint holds (absent ones are left out), read from its safetensors
+    or ``pytorch_model.bin`` files, single or sharded (through the index json, only the shards holding them)."""
+    name_or_path = str(name_or_path)
+    for index_name, single_name in _CHECKPOINT_FILES:
+        index = _resolve_file(name_or_path, index_name, revision)
+        if index is not None:
+            weight_map = json.loads(Path(index).read_text())["weight_map"]
+            shards = sorted({weight_map[k] for k in keys if k in weight_map})
+            files = [_resolve_file(name_or_path, shard, revision) for shard in shards]
+            missing = [shard for shard, f in zip(shards, files) if f is None]
+            if missing:
+                raise FileNotFoundError(f"{name_or_path}: {index_name} names {missing[0]}, which is not there")
+        else:
+            single = _resolve_file(name_or_path, single_name, revision)
+            if single is None:
+                continue
+            files = [single]
+        out: dict[str, torch.Tensor] = {}
+        for f in files:
+            if f.endswith(".safetensors"):
+                from safetensors import safe_open
+
+                with safe_open(f, framework="pt") as handle:
+                    out.update({k: handle.get_tensor(k) for k in keys if k in handle.keys()})
+            else:
+                try:
+                    state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError:  # torch's legacy (non-zip) format cannot be memory-mapped
+                    state = torch.load(f, map_location="cpu", weights_only=True)
+                out.update({k: state[k] for k in keys if k in state})
+        return out
+    names = ", ".join(name for pair in _CHECKPOINT_FILES for name in pair)
+    raise FileNotFoundError(f"{name_or_path} holds no model weights (looked for {names})")
+
+
+class _WithoutHeadReport(logging.Filter):
+    """Drops transformers' report that the trunk left the score head's (and normaliser's) weights unused;
+    :func:`load_score_model` checks the loading itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "score_head" not in record.getMessage()
+
+
+def load_score_model(
+    name_or_path: str | os.PathLike,
+    revision: str | None = None,
+    dtype: str = "float32",
+    device: str | torch.device = "cpu",
+    attn_implementation: str | None = None,
+) -> tuple[ScoreModel, Any]:
+    """``(ScoreModel, tokenizer)`` of a safe-rlhf score model (a hub id, which needs a network, or a local
+    directory), loaded without its custom code: safe-rlhf saves ``LlamaForScore`` as a base model (keys
+    ``model.*``) and a linear ``score_head`` (``score_dim`` outputs, a bias if the config says ``bias``), with a
+    config.json of ``model_type`` llama plus ``score_dim``, ``bias``, ``score_type``, ``do_normalize``.
+
+    The trunk is ``AutoModel`` of the config's ``model_type`` (``LlamaModel``; transformers strips the
+    ``model.`` prefix, whatever ``architectures`` says), the head an ``nn.Linear`` read from the weight files.
+    Not ``LlamaForSequenceClassification`` with a key mapping: its head never has a bias, and it pools at the
+    last token that is not ``pad_token_id``, which is wrong where pad equals eos and a scored text ends in eos.
+    With ``do_normalize`` the scores are normalised as safe-rlhf does (:data:`SCORE_NORMALIZATION` by
+    ``score_type``, with the checkpoint's ``normalizer.mean``/``var``, else the config's ``mean``/``var``).
+    The model comes frozen in eval mode on ``device`` (a PPO critic started from it: ``requires_grad_(True)``).
+    """
+    from transformers import AutoConfig, AutoModel
+
+    from riskexp.models import DTYPES, load_tokenizer
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is unknown; accepted: {', '.join(DTYPES)}")
+    name_or_path = str(name_or_path)
+    config = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=False)
+    score_dim = int(getattr(config, "score_dim", 1))
+    if score_dim != 1:
+        raise ValueError(f"{name_or_path} has score_dim={score_dim}; riskexp reads score models of one score")
+    score_type = getattr(config, "score_type", "reward")
+    if score_type not in SCORE_NORMALIZATION:
+        raise ValueError(f"{name_or_path} has score_type={score_type!r}; accepted: {', '.join(SCORE_NORMALIZATION)}")
+    bias = bool(getattr(config, "bias", False))
+    found = checkpoint_tensors(name_or_path, _SCORE_HEAD_KEYS + _NORMALIZER_KEYS, revision)
+    if "score_head.weight" not in found:
+        raise ValueError(f"{name_or_path} is not a safe-rlhf score model: its weights have no score_head.weight "
+                         "(a causal LM or a classifier checkpoint?)")
+    weight = found["score_head.weight"]
+    if tuple(weight.shape) != (1, config.hidden_size):
+        raise ValueError(f"{name_or_path}: score_head.weight has shape {tuple(weight.shape)}, expected "
+                         f"(1, {config.hidden_size}) (score_dim, hidden_size)")
+    if bias and "score_head.bias" not in found:
+        raise ValueError(f"{name_or_path}: the config says bias=true but the weights have no score_head.bias")
+
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    quiet = _WithoutHeadReport()
+    transformers_log = logging.getLogger("transformers.modeling_utils")
+    transformers_log.addFilter(quiet)
+    try:
+        trunk, info = AutoModel.from_pretrained(
+            name_or_path, config=config, revision=revision, dtype=DTYPES[dtype], trust_remote_code=False,
+            output_loading_info=True, **kwargs,
+        )
+    finally:
+        transformers_log.removeFilter(quiet)
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        raise ValueError(f"{name_or_path}: the weights lack {len(missing)} of the {type(trunk).__name__} trunk's "
+                         f"tensors, e.g. {missing[0]!r} (expected them under the prefix 'model.')")
+    unused = sorted(k for k in info["unexpected_keys"] if not k.startswith(("score_head.", "normalizer.")))
+    if unused:
+        logging.getLogger(__name__).warning("%s: %d tensors of the checkpoint are unused, e.g. %s", name_or_path,
+                                            len(unused), unused[0])
+
+    head = torch.nn.Linear(config.hidden_size, 1, bias=bias)
+    with torch.no_grad():
+        head.weight.copy_(weight)
+        if bias:
+            head.bias.copy_(found["score_head.bias"].reshape(1))
+    normalize, mean, var = "identity", 0.0, 1.0
+    if getattr(config, "do_normalize", False):
+        normalize = SCORE_NORMALIZATION[score_type]
+        mean = found["normalizer.mean"] if "normalizer.mean" in found else getattr(config, "mean", None) or 0.0
+        var = found["normalizer.var"] if "normalizer.var" in found else getattr(config, "var", None) or 1.0
+        mean, var = (float(torch.as_tensor(v, dtype=torch.float64).reshape(-1)[0]) for v in (mean, var))
+    model = ScoreModel(trunk, head.to(DTYPES[dtype]), normalize=normalize, mean=mean, std=math.sqrt(var))
+    model = model.to(device).eval().requires_grad_(False)
+    return model, load_tokenizer(name_or_path, revision)
+
+
+class SafeRLHFScorer(Scorer):
+    """A safe-rlhf score model as a reward or a cost, e.g. the beaver-7b-v1.0 reward model (higher = more
+    helpful) and cost model (higher = more harmful, unsafe above 0) that Safe RLHF, SACPO and RSA evaluate with.
+
+    Each pair is scored as the conversation ``template`` (safe-rlhf's "BEGINNING OF CONVERSATION: USER: {prompt}
+    ASSISTANT:{completion}", the completion exactly as sampled) followed by the EOS token (``append_eos``: the
+    models were trained on answers ending in it), tokenised with the tokenizer's own special tokens (a BOS for
+    Llama) and cut to ``max_length`` tokens; the score is :class:`ScoreModel`'s end score (:func:`load_score_model`).
+    ``name_or_path`` is a hub id (downloaded once; needs a network) or a local directory, checked at construction;
+    the model loads on the first call, on ``device`` ("auto": the GPU if there is one, else the CPU) in ``dtype``
+    (bfloat16 halves a 7B model's memory on a GPU). ``trust_remote_code`` is never enabled.
+    """
+
+    name = "safe_rlhf_score"
+    batch_size = 8
+    scored = "prompt+completion"
+
+    def __init__(
+        self,
+        name_or_path: str,
+        kind: str,
+        template: str = SAFE_RLHF_TEMPLATE,
+        append_eos: bool = True,
+        max_length: int = 512,
+        batch_size: int | None = None,
+        dtype: str = "float32",
+        device: str = "auto",
+        revision: str | None = None,
+        name: str | None = None,
+    ) -> None:
+        from riskexp.models import DTYPES
+
+        super().__init__(name=name, kind=kind, batch_size=batch_size, scored="prompt+completion")
+        self.name_or_path = str(name_or_path)
+        p = Path(self.name_or_path).expanduser()
+        if p.exists():
+            if not (p / "config.json").is_file():
+                raise FileNotFoundError(f"SafeRLHFScorer: {p} has no config.json (not a saved score model)")
+            self.name_or_path = str(p)
+        elif _looks_like_path(self.name_or_path):
+            raise FileNotFoundError(f"SafeRLHFScorer: local model directory {self.name_or_path!r} does not exist "
+                                    "(expected a score model's config.json, weights and tokenizer files)")
+        try:
+            fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+        except (ValueError, TypeError):
+            fields = None
+        if fields is None or sorted(fields) != ["completion", "prompt"]:
+            raise ValueError(f"template={template!r} is not accepted: a format string with one {{prompt}} and one "
+                             f"{{completion}} field, e.g. {SAFE_RLHF_TEMPLATE!r}")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r} is unknown; accepted: {', '.join(DTYPES)}")
+        if device != "auto":
+            try:
+                torch.device(device)
+            except (RuntimeError, TypeError):
+                raise ValueError(f"device={device!r} is not accepted: 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+        if int(max_length) < 2:
+            raise ValueError(f"max_length must be >= 2, got {max_length!r}")
+        self.template = template
+        self.append_eos = bool(append_eos)
+        self.max_length = int(max_length)
+        self.dtype = dtype
+        self.device = device
+        self.revision = revision
+        self._model: ScoreModel | None = None
+        self._tok = None
+        if name is None:
+            self.name = Path(self.name_or_path).name
+
+    def _load(self) -> tuple[ScoreModel, Any]:
+        if self._model is None:
+            from riskexp.models import inference_device
+
+            device = inference_device() if self.device == "auto" else torch.device(self.device)
+            try:
+                model, tok = load_score_model(self.name_or_path, revision=self.revision, dtype=self.dtype,
+                                              device=device)
+            except OSError as e:
+                raise OSError(
+                    f"SafeRLHFScorer could not load {self.name_or_path!r}: a hub id is downloaded once, which needs "
+                    "a network (with HF_HUB_OFFLINE=1 only the local Hugging Face cache is read); or pass a local "
+                    f"directory. Original error: {e}"
+                ) from e
+            if self.append_eos and tok.eos_token is None:
+                raise ValueError(f"{self.name_or_path}: the tokenizer has no eos token to end answers with; "
+                                 "pass append_eos=false")
+            self._model, self._tok = model, tok
+        return self._model, self._tok
+
+    def texts(self, prompts: Sequence[str], completions: Sequence[str]) -> list[str]:
+        """The conversations scored (before the tokenizer adds its special tokens)."""
+        _, tok = self._load()
+        eos = tok.eos_token if self.append_eos else ""
+        return [self.template.format(prompt=p, completion=c) + eos for p, c in zip(prompts, completions)]
+
+    @torch.no_grad()
+    def score_batch(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
+        model, tok = self._load()
+        b = tok(self.texts(prompts, completions), padding=True, truncation=True, max_length=self.max_length,
+                return_tensors="pt")
+        device = next(model.parameters()).device
+        return model(b["input_ids"].to(device), b["attention_mask"].to(device))
+
+    def __repr__(self) -> str:
+        return f"SafeRLHFScorer({self.name_or_path!r}, kind={self.kind!r}, name={self.name!r})"
 
 
 # ------------------------------------------------------------------------------------------------------------
