@@ -229,9 +229,10 @@ def sample_and_score(
         if temperature != 1.0 or top_p != 1.0:
             log.warning("eval/kl is estimated on samples at temperature=%s, top_p=%s: it is then not the KL of "
                         "the policy itself, which needs temperature=1 and top_p=1", temperature, top_p)
-        scored = {"pad_id": pad_token_id(tokenizer), "batch_size": batch_size}
-        logp = completion_logps(model, samples.prompt_ids, samples.token_ids, **scored)
-        ref_logp = completion_logps(reference, samples.prompt_ids, samples.token_ids, **scored)
+        # the model's own log-probs came with the samples; the reference scores the very tokens sampled
+        logp = torch.stack([t.sum() for t in samples.token_logps])
+        ref_logp = completion_logps(reference, samples.prompt_ids, samples.token_ids,
+                                    pad_id=pad_token_id(tokenizer), batch_size=batch_size)
         log_ratio = logp - ref_logp
 
     metrics = {

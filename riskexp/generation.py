@@ -30,6 +30,9 @@ class Samples:
     prompt_ids: list[list[int]]  # the tokens each completion was conditioned on
     token_ids: list[list[int]]  # the sampled tokens, through the eos where one was emitted
     finished: list[bool]  # stopped at eos (False: cut at max_new_tokens)
+    # log pi(y_t | x, y_<t) of each sampled token under the model itself (its raw logits: temperature 1, no
+    # top-p), as float32 tensors aligned with token_ids; their sum is `completion_logps` without a second pass
+    token_logps: list[torch.Tensor]
 
     @property
     def lengths(self) -> list[int]:
@@ -139,13 +142,14 @@ def generate(
     if do_sample and not temperature > 0:
         raise ValueError(f"temperature={temperature!r} must be > 0 when sampling; use do_sample=False for greedy")
     if not prompts:
-        return Samples([], [], [], [])
+        return Samples([], [], [], [], [])
     ids = _prompt_ids(tokenizer, prompts, prompt_format)
     pad_id, eos_ids = pad_token_id(tokenizer), _eos_ids(model, tokenizer)
     config = sampling_config(max_new_tokens, temperature, top_p, do_sample, pad_id, eos_ids)
     device = _device(model)
     texts: list[str] = [""] * len(ids)
     token_ids: list[list[int]] = [[] for _ in ids]
+    token_logps: list[torch.Tensor] = [torch.zeros(0) for _ in ids]
     finished = [False] * len(ids)
     # fork the RNGs the sampler draws from, so the caller's global random state is left as it was
     cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
@@ -157,15 +161,20 @@ def generate(
             # left padding is done here, not through tokenizer.padding_side: a shared tokenizer is never mutated
             input_ids, mask = pad_rows([ids[i] for i in batch], pad_id, left=True)
             out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                                 generation_config=config)
-            new = out[:, input_ids.shape[1] :].cpu()
+                                 generation_config=config, output_logits=True, return_dict_in_generate=True)
+            new = out.sequences[:, input_ids.shape[1] :]
+            # the raw logits of each step (before temperature and top-p): the model's own log-probs
+            logps = torch.stack([step.float().log_softmax(-1).gather(1, new[:, t : t + 1]).squeeze(1)
+                                 for t, step in enumerate(out.logits)], 1).cpu()
+            new = new.cpu()
             for row, i in enumerate(batch):
                 tokens = new[row].tolist()
                 stop = next((t for t, tok in enumerate(tokens) if tok in eos_ids), len(tokens))
                 finished[i] = stop < len(tokens)
                 token_ids[i] = tokens[: stop + finished[i]]
+                token_logps[i] = logps[row, : stop + finished[i]].clone()
                 texts[i] = tokenizer.decode(tokens[:stop], skip_special_tokens=True)
-    return Samples(texts, ids, token_ids, finished)
+    return Samples(texts, ids, token_ids, finished, token_logps)
 
 
 def _sequence_sums(model, input_ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor):

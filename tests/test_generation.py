@@ -108,6 +108,19 @@ def test_generate_lengths_and_chat(tiny):
     assert generate(model, tok, [], progress=False).texts == []
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_the_samples_own_log_probs_are_the_models_at_temperature_one(tiny, temperature):
+    model, tok = tiny
+    prompts = [*PROMPTS[:3], "A much longer prompt, so that the batch is left-padded"]
+    samples = generate(model, tok, prompts, max_new_tokens=6, temperature=temperature, batch_size=4, seed=1,
+                       progress=False)
+    assert [len(t) for t in samples.token_logps] == [len(t) for t in samples.token_ids]
+    # one full forward pass per completion gives the same sums, whatever temperature the tokens were drawn at
+    want = completion_logps(model, samples.prompt_ids, samples.token_ids, pad_id=tok.pad_token_id, batch_size=1)
+    got = torch.stack([t.sum() for t in samples.token_logps])
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+
+
 def test_completion_logps_matches_full_forward(tiny):
     model, tok = tiny
     prompts, completions = ["The movie was", "I"], [" great fun", " think not, really"]
