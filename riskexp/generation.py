@@ -74,9 +74,10 @@ def sampling_config(max_new_tokens: int, temperature: float, top_p: float, do_sa
     from transformers import GenerationConfig
 
     sampling = {"do_sample": True, "temperature": float(temperature), "top_p": float(top_p), "top_k": 0}
+    # the raw logits of every step come back with the tokens: the model's own log-probs of its samples
     return GenerationConfig(max_new_tokens=max_new_tokens, pad_token_id=pad_token_id,
-                            eos_token_id=eos_token_ids or None, use_cache=True,
-                            **(sampling if do_sample else {"do_sample": False}))
+                            eos_token_id=eos_token_ids or None, use_cache=True, output_logits=True,
+                            return_dict_in_generate=True, **(sampling if do_sample else {"do_sample": False}))
 
 
 @contextlib.contextmanager
@@ -161,7 +162,7 @@ def generate(
             # left padding is done here, not through tokenizer.padding_side: a shared tokenizer is never mutated
             input_ids, mask = pad_rows([ids[i] for i in batch], pad_id, left=True)
             out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                                 generation_config=config, output_logits=True, return_dict_in_generate=True)
+                                 generation_config=config)
             new = out.sequences[:, input_ids.shape[1] :]
             # the raw logits of each step (before temperature and top-p): the model's own log-probs
             logps = torch.stack([step.float().log_softmax(-1).gather(1, new[:, t : t + 1]).squeeze(1)
