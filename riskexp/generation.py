@@ -5,6 +5,9 @@ Prompts are rendered and tokenised by `riskexp.prompts.prompt_token_ids`, as in 
 attention mask built from the true lengths. Sampling uses a generation config built here from the arguments
 alone: nothing (repetition penalty, top-k, bad words, ...) is inherited from a checkpoint's
 `generation_config.json`, so the samples come from the distribution the KL estimates assume.
+
+`sampling_session`, `sample_batch` and `until_first_eos` are the pieces `generate` is made of; the RL rollout
+(`riskexp.rl.rollout`) is made of the same ones.
 """
 
 from __future__ import annotations
@@ -40,7 +43,9 @@ class Samples:
         return [len(ids) - done for ids, done in zip(self.token_ids, self.finished)]
 
 
-def _prompt_ids(tokenizer, prompts: Sequence[str | list[dict]], prompt_format: str) -> list[list[int]]:
+def encode_prompts(tokenizer, prompts: Sequence[str | list[dict]], prompt_format: str) -> list[list[int]]:
+    """The token ids of each prompt as `prompt_format` renders it (`riskexp.prompts.prompt_token_ids`); raises
+    if one is empty."""
     ids = [prompt_token_ids(tokenizer, p, prompt_format) for p in prompts]
     empty = [i for i, x in enumerate(ids) if not x]
     if empty:
@@ -68,20 +73,31 @@ def _own_generation_config(model) -> Iterator[None]:
 
 
 def sampling_config(max_new_tokens: int, temperature: float, top_p: float, do_sample: bool, pad_token_id: int,
-                    eos_token_ids: list[int]):
-    """The whole `transformers.GenerationConfig` of `generate`: tempered / nucleus sampling (or greedy) and no
-    other logits processor. top_k=0 switches off the library's default top-k of 50."""
+                    eos_token_ids: list[int], *, top_k: int = 0, min_new_tokens: int = 0):
+    """The whole `transformers.GenerationConfig` of `generate` and of the RL rollout: tempered / top-k / nucleus
+    sampling (or greedy), with the KV cache, and no other logits processor. top_k=0 (the default) switches off
+    the library's default top-k of 50. `min_new_tokens` > 0 forbids the eos before that many new tokens; it is
+    never `min_length`, which counts the (padded) prompt too."""
     from transformers import GenerationConfig
 
-    sampling = {"do_sample": True, "temperature": float(temperature), "top_p": float(top_p), "top_k": 0}
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k={top_k!r}: accepted values are integers >= 0 (0: no top-k)")
+    if (isinstance(min_new_tokens, bool) or not isinstance(min_new_tokens, int)
+            or not 0 <= min_new_tokens <= max_new_tokens):
+        raise ValueError(f"min_new_tokens={min_new_tokens!r}: accepted values are integers in [0, max_new_tokens="
+                         f"{max_new_tokens}]")
+    sampling = {"do_sample": True, "temperature": float(temperature), "top_p": float(top_p), "top_k": top_k}
+    # set only when used: the config then is the very one `generate` always had
+    minimum = {"min_new_tokens": min_new_tokens} if min_new_tokens else {}
     # the raw logits of every step come back with the tokens: the model's own log-probs of its samples
     return GenerationConfig(max_new_tokens=max_new_tokens, pad_token_id=pad_token_id,
                             eos_token_id=eos_token_ids or None, use_cache=True, output_logits=True,
-                            return_dict_in_generate=True, **(sampling if do_sample else {"do_sample": False}))
+                            return_dict_in_generate=True, **minimum,
+                            **(sampling if do_sample else {"do_sample": False}))
 
 
 @contextlib.contextmanager
-def _eval_mode(model) -> Iterator[None]:
+def eval_mode(model) -> Iterator[None]:
     """Eval mode (no dropout) for the duration; the caller's train/eval mode is restored after."""
     was_training = model.training
     model.eval()
@@ -99,7 +115,8 @@ def _batches(lengths: Sequence[int], batch_size: int, descending: bool = True) -
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a sample: the model's generation config's stop tokens and the tokenizer's eos."""
     # the model's generation config may list several stop tokens (Llama 3); the tokenizer's eos always stops
     ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
@@ -116,6 +133,44 @@ def pad_token_id(tokenizer) -> int:
         raise ValueError(f"tokenizer {name!r} has no pad token; load it with riskexp.models.load_tokenizer, "
                          "which sets pad = eos")
     return tokenizer.pad_token_id
+
+
+@contextlib.contextmanager
+def sampling_session(model, seed: int) -> Iterator[None]:
+    """Sampling from `model` for the duration: eval mode (restored after), only the config passed to
+    `model.generate` (its saved generation_config set aside), no grad, and the torch RNGs (CPU and every
+    CUDA device) forked and seeded with `seed`, so the same seed draws the same tokens and the caller's global
+    random state is left as it was."""
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with eval_mode(model), _own_generation_config(model), torch.random.fork_rng(devices=cuda), torch.no_grad():
+        torch.manual_seed(seed)
+        yield
+
+
+def sample_batch(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 config) -> tuple[torch.Tensor, torch.Tensor]:
+    """One `model.generate` call on a left-padded (B, P) batch: (new tokens (B, T), their log-probs (B, T)
+    float32), on the model's device; T <= config.max_new_tokens, rows that stopped early are filled with pad.
+
+    The log-probs are log pi(y_t | x, y_<t) from the raw logits of each step (before temperature, top-k, top-p
+    and min_new_tokens): the model's own, as a forward pass on the sampled tokens gives them."""
+    device = _device(model)
+    out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                         generation_config=config)
+    new = out.sequences[:, input_ids.shape[1] :]
+    logps = torch.stack([step.float().log_softmax(-1).gather(1, new[:, t : t + 1]).squeeze(1)
+                         for t, step in enumerate(out.logits)], 1)
+    return new, logps
+
+
+def until_first_eos(new: torch.Tensor, eos_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keep, finished) of sampled tokens (B, T): keep (B, T) bool is true up to and including each row's
+    first eos (all true in a row without one), finished (B,) bool whether the row emitted an eos."""
+    is_eos = torch.isin(new, torch.tensor(list(eos_ids), dtype=new.dtype, device=new.device))
+    finished = is_eos.any(-1)
+    # tokens after the first eos: an eos strictly before them
+    after = (is_eos.cumsum(-1) - is_eos.long()) > 0
+    return ~after, finished
 
 
 def generate(
@@ -144,37 +199,28 @@ def generate(
         raise ValueError(f"temperature={temperature!r} must be > 0 when sampling; use do_sample=False for greedy")
     if not prompts:
         return Samples([], [], [], [], [])
-    ids = _prompt_ids(tokenizer, prompts, prompt_format)
-    pad_id, eos_ids = pad_token_id(tokenizer), _eos_ids(model, tokenizer)
+    ids = encode_prompts(tokenizer, prompts, prompt_format)
+    pad_id, eos_ids = pad_token_id(tokenizer), eos_token_ids(model, tokenizer)
     config = sampling_config(max_new_tokens, temperature, top_p, do_sample, pad_id, eos_ids)
-    device = _device(model)
     texts: list[str] = [""] * len(ids)
     token_ids: list[list[int]] = [[] for _ in ids]
     token_logps: list[torch.Tensor] = [torch.zeros(0) for _ in ids]
     finished = [False] * len(ids)
-    # fork the RNGs the sampler draws from, so the caller's global random state is left as it was
-    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    with _eval_mode(model), _own_generation_config(model), torch.random.fork_rng(devices=cuda), torch.no_grad():
-        torch.manual_seed(seed)
+    with sampling_session(model, seed):
         # disable=None: no bar when the output is not a terminal
         for batch in tqdm(_batches([len(x) for x in ids], batch_size), desc="generate",
                           disable=None if progress else True):
             # left padding is done here, not through tokenizer.padding_side: a shared tokenizer is never mutated
             input_ids, mask = pad_rows([ids[i] for i in batch], pad_id, left=True)
-            out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                                 generation_config=config)
-            new = out.sequences[:, input_ids.shape[1] :]
-            # the raw logits of each step (before temperature and top-p): the model's own log-probs
-            logps = torch.stack([step.float().log_softmax(-1).gather(1, new[:, t : t + 1]).squeeze(1)
-                                 for t, step in enumerate(out.logits)], 1).cpu()
-            new = new.cpu()
+            new, logps = sample_batch(model, input_ids, mask, config)
+            keep, done = until_first_eos(new, eos_ids)
+            new, logps, lengths = new.cpu(), logps.cpu(), keep.sum(-1).tolist()
             for row, i in enumerate(batch):
                 tokens = new[row].tolist()
-                stop = next((t for t, tok in enumerate(tokens) if tok in eos_ids), len(tokens))
-                finished[i] = stop < len(tokens)
-                token_ids[i] = tokens[: stop + finished[i]]
-                token_logps[i] = logps[row, : stop + finished[i]].clone()
-                texts[i] = tokenizer.decode(tokens[:stop], skip_special_tokens=True)
+                n, finished[i] = lengths[row], bool(done[row])
+                token_ids[i] = tokens[:n]
+                token_logps[i] = logps[row, :n].clone()
+                texts[i] = tokenizer.decode(tokens[: n - finished[i]], skip_special_tokens=True)
     return Samples(texts, ids, token_ids, finished, token_logps)
 
 
@@ -205,7 +251,7 @@ def completion_logps(model, prompt_ids: Sequence[list[int]], completion_ids: Seq
         raise ValueError(f"{len(prompt_ids)} prompts but {len(completion_ids)} completions")
     rows = [(list(c), list(s)) for c, s in zip(prompt_ids, completion_ids)]
     out = torch.zeros(len(rows))
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         for batch in _batches([len(c) + len(s) for c, s in rows], batch_size):
             stats = _sequence_sums(model, *_labelled([rows[i] for i in batch], pad_id))
             out[batch] = stats.policy_logps.float().cpu()
@@ -221,7 +267,7 @@ def perplexity(model, tokenizer, texts: Sequence[str], *, batch_size: int = 16, 
         raise ValueError("perplexity needs at least one text of two or more tokens")
     nll, count = 0.0, 0
     pad_id = pad_token_id(tokenizer)
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         for batch in _batches([len(c) + len(s) for c, s in rows], batch_size):
             stats = _sequence_sums(model, *_labelled([rows[i] for i in batch], pad_id))
             nll -= stats.policy_logps.double().sum().item()

@@ -197,6 +197,8 @@ def hidden_and_head(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor,
     logits (N, L, V) and None for models whose head is not a plain projection."""
     split = trunk_and_head(model)
     inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    if batch.get("position_ids") is not None:  # a left-padded batch: positions as generation counted them
+        inputs["position_ids"] = batch["position_ids"]
     if split is None:
         return model(**inputs).logits, None
     trunk, head = split

@@ -11,6 +11,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+@pytest.fixture(scope="module")
+def tiny():
+    """The random-init tiny Llama and SmolLM2's tokenizer (the same weights in every test: a fixed init seed)."""
+    from riskexp.models import tiny_llama
+
+    return tiny_llama()
+
+
 @pytest.fixture
 def smoke_cfg(tmp_path):
     """Factory: the smoke experiment with extra overrides, writing into tmp_path."""

@@ -20,3 +20,13 @@ def compose_config(overrides=(), output_dir=None):
             cfg.hydra.job.override_dirname = "test"
         HydraConfig.instance().set_config(cfg)
     return cfg
+
+
+# movie-review openings of different lengths, so a batch of them is padded
+OPENINGS = [
+    "The movie was",
+    "A very long opening sentence about a film that goes on and on before it gets to the point, and then",
+    "I",
+    "This film is one of the",
+    "Honestly, the acting",
+]

@@ -20,7 +20,6 @@ from riskexp.evaluation import (
     win_rate,
 )
 from riskexp.files import read_jsonl, write_jsonl
-from riskexp.models import tiny_llama
 from riskexp.risk import cvar_lower
 from riskexp.run import evaluate_task
 
@@ -34,11 +33,6 @@ def length_reward(prompts, completions):
 
 def e_cost(prompts, completions):
     return torch.tensor([c.count("e") / max(len(c), 1) for c in completions])
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_llama()
 
 
 @pytest.fixture(scope="module")

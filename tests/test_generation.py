@@ -4,23 +4,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import OPENINGS
 
 from riskexp.generation import completion_logps, generate, perplexity
-from riskexp.models import tiny_llama
 from riskexp.prompts import prompt_token_ids, render_prompt
 
-PROMPTS = [
-    "The movie was",
-    "A very long opening sentence about a film that goes on and on before it gets to the point, and then",
-    "I",
-    "This film is one of the",
-    "Honestly, the acting",
-]
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_llama()
+PROMPTS = OPENINGS
 
 
 def _gen(model, tok, prompts=PROMPTS, **kw):
