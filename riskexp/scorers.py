@@ -455,6 +455,21 @@ def _looks_like_path(s: str) -> bool:
     return s.startswith(("/", "./", "../", "~", ".\\", "..\\")) or os.path.isabs(s) or s.count("/") > 1
 
 
+def model_location(name_or_path: str | os.PathLike, owner: str, not_a_model: str, missing_hint: str) -> str:
+    """A saved model's local directory (expanded), or a hub id as given; FileNotFoundError, named by `owner`,
+    for a directory without config.json (`not_a_model` says what it then is not) or a path that does not exist
+    (`missing_hint` says what is expected there). Hub ids are only checked when they load (lazily)."""
+    name_or_path = str(name_or_path)
+    p = Path(name_or_path).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise FileNotFoundError(f"{owner}: {p} exists but has no config.json ({not_a_model})")
+        return str(p)
+    if _looks_like_path(name_or_path):
+        raise FileNotFoundError(f"{owner}: local model directory {name_or_path!r} does not exist ({missing_hint})")
+    return name_or_path
+
+
 class HubClassifier(Scorer):
     """Any ``AutoModelForSequenceClassification`` (hub id already in the local HF cache, or a local directory).
 
@@ -482,19 +497,9 @@ class HubClassifier(Scorer):
         device: str = "cpu",
     ) -> None:
         super().__init__(name=name, kind=kind, batch_size=batch_size, scored=scored)
-        self.name_or_path = str(name_or_path)
-        p = Path(self.name_or_path).expanduser()
-        if p.exists():
-            if not (p / "config.json").is_file():
-                raise FileNotFoundError(
-                    f"HubClassifier: {p} exists but has no config.json (not a saved model)"
-                )
-            self.name_or_path = str(p)
-        elif _looks_like_path(self.name_or_path):
-            raise FileNotFoundError(
-                f"HubClassifier: local model directory {self.name_or_path!r} does not exist "
-                "(save one with model.save_pretrained(dir) and tokenizer.save_pretrained(dir))"
-            )
+        self.name_or_path = model_location(
+            name_or_path, "HubClassifier", "not a saved model",
+            "save one with model.save_pretrained(dir) and tokenizer.save_pretrained(dir)")
         if output not in ("logit", "softmax", "sigmoid"):
             raise ValueError(f"output must be 'logit', 'softmax' or 'sigmoid', got {output!r}")
         self.label_index = int(label_index)
@@ -1309,15 +1314,9 @@ class SafeRLHFScorer(Scorer):
         from riskexp.models import DTYPES
 
         super().__init__(name=name, kind=kind, batch_size=batch_size, scored="prompt+completion")
-        self.name_or_path = str(name_or_path)
-        p = Path(self.name_or_path).expanduser()
-        if p.exists():
-            if not (p / "config.json").is_file():
-                raise FileNotFoundError(f"SafeRLHFScorer: {p} has no config.json (not a saved score model)")
-            self.name_or_path = str(p)
-        elif _looks_like_path(self.name_or_path):
-            raise FileNotFoundError(f"SafeRLHFScorer: local model directory {self.name_or_path!r} does not exist "
-                                    "(expected a score model's config.json, weights and tokenizer files)")
+        self.name_or_path = model_location(
+            name_or_path, "SafeRLHFScorer", "not a saved score model",
+            "expected a score model's config.json, weights and tokenizer files")
         try:
             fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
         except (ValueError, TypeError):
