@@ -19,7 +19,7 @@ import logging
 import math
 import random
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -120,16 +120,17 @@ def load_preference_file(
     Extra numeric fields (e.g. `chosen_score`) are kept. Rows with missing or ill-typed values are skipped with
     one counted warning. `limit` keeps the first `limit` valid records.
     """
+    return _file_records(path, (prompt_key, chosen_key, rejected_key), limit, lambda row: {
+        "prompt": _check_prompt(row.get(prompt_key)), "chosen": _response_text(row.get(chosen_key)),
+        "rejected": _response_text(row.get(rejected_key))})
+
+
+def _file_records(path: str, keys: Sequence[str], limit: int | None, record: Callable[[dict], dict]) -> list[dict]:
+    """The records `record(row)` makes of a local file's rows (columns `keys` read), each with the row's other
+    numeric and boolean fields; malformed rows skipped with one counted warning, `limit` valid rows kept."""
     _check_limit(limit)
-    keys = {"prompt": prompt_key, "chosen": chosen_key, "rejected": rejected_key}
-    rows, _ = read_rows(path, keys.values())
-
-    def to_records(row: dict) -> list[dict]:
-        record = {"prompt": _check_prompt(row.get(prompt_key)), "chosen": _response_text(row.get(chosen_key)),
-                  "rejected": _response_text(row.get(rejected_key))}
-        return [_with_extras(record, row, keys.values())]
-
-    return collect_records(rows, to_records, path, limit)
+    rows, _ = read_rows(path, keys)
+    return collect_records(rows, lambda row: [_with_extras(record(row), row, keys)], path, limit)
 
 
 def _check_prompt(prompt: Any) -> Any:
@@ -160,16 +161,9 @@ def load_unpaired_file(
     .jsonl[.gz], .json[.gz] or .parquet file, as `load_preference_file` reads pairs: the columns are renamed,
     a completion given as a message list keeps its final assistant turn, extra numeric and boolean fields are
     kept, malformed rows are skipped with one counted warning, `limit` keeps the first valid records."""
-    _check_limit(limit)
-    keys = {"prompt": prompt_key, "completion": completion_key, "label": label_key}
-    rows, _ = read_rows(path, keys.values())
-
-    def to_records(row: dict) -> list[dict]:
-        record = {"prompt": _check_prompt(row.get(prompt_key)), "completion": _response_text(row.get(completion_key)),
-                  "label": _label(row.get(label_key))}
-        return [_with_extras(record, row, keys.values())]
-
-    return collect_records(rows, to_records, path, limit)
+    return _file_records(path, (prompt_key, completion_key, label_key), limit, lambda row: {
+        "prompt": _check_prompt(row.get(prompt_key)), "completion": _response_text(row.get(completion_key)),
+        "label": _label(row.get(label_key))})
 
 
 def is_unpaired(record: dict) -> bool:
