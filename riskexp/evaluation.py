@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from riskexp.formatting import METRIC_LABELS, format_estimate
-from riskexp.generation import completion_logps, generate, pad_token_id, perplexity
+from riskexp.generation import Samples, completion_logps, generate, pad_token_id, perplexity
 from riskexp.judges import Judge, check_judgement, outcomes
 from riskexp.risk import check_alpha, cvar_lower, cvar_upper, var_lower, var_upper
 
@@ -132,6 +132,20 @@ def score_with(scorer: Scorer, prompts: list[str], completions: list[str], what:
     return s
 
 
+def sample_k_and_score(model, tokenizer, prompts: Sequence[str], k: int, reward: Scorer, cost: Scorer | None = None,
+                       **generation) -> tuple[list[str], Samples, Tensor, Tensor | None]:
+    """k sampled completions of each prompt and their scores: (the prompts repeated k times, the samples, the
+    rewards (N k,), the costs (N k,) or None without a cost scorer). Sample j*k + i is prompt j's i-th.
+
+    One batched `generate` call (`generation`: its keyword arguments) over the repeated prompts: copies of a
+    prompt share a length, so they share batches and pad nothing; sampling makes them differ."""
+    repeated = [p for p in prompts for _ in range(k)]
+    samples = generate(model, tokenizer, repeated, **generation)
+    rewards = score_with(reward, repeated, samples.texts, "reward")
+    costs = score_with(cost, repeated, samples.texts, "cost") if cost is not None else None
+    return repeated, samples, rewards, costs
+
+
 @dataclass
 class Draws:
     """Per-completion values of one model's samples, each (N prompts, K samples per prompt)."""
@@ -212,16 +226,10 @@ def sample_and_score(
     k = samples_per_prompt
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"eval.samples_per_prompt={k!r} is not accepted: an integer >= 1")
-    # one batched call over the prompts repeated k times (as riskexp.data.build): copies of a prompt share a
-    # length, so they share batches; sample j*k + i is prompt j's i-th completion
-    repeated = [p for p in prompts for _ in range(k)]
-    samples = generate(
-        model, tokenizer, repeated, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-        batch_size=batch_size, seed=seed, prompt_format=prompt_format,
-    )
+    repeated, samples, rewards, costs = sample_k_and_score(
+        model, tokenizer, prompts, k, reward, cost, max_new_tokens=max_new_tokens, temperature=temperature,
+        top_p=top_p, batch_size=batch_size, seed=seed, prompt_format=prompt_format)
     completions = samples.texts
-    rewards = score_with(reward, repeated, completions, "reward")
-    costs = score_with(cost, repeated, completions, "cost") if cost is not None else None
 
     if reference is None or reference is model:
         log_ratio = torch.zeros(len(repeated))

@@ -22,9 +22,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from riskexp.cli import CONF_DIR, run_command
-from riskexp.evaluation import score_with
+from riskexp.evaluation import sample_k_and_score
 from riskexp.files import write_jsonl
-from riskexp.generation import generate
 from riskexp.models import build_policy_and_reference, inference_device
 from riskexp.schema import ConfigError, validate
 
@@ -65,15 +64,9 @@ def sample_and_score(
     if not isinstance(k, int) or k < 2:
         raise ValueError(f"k={k!r}: a pair needs at least 2 samples per prompt")
     prompts = list(prompts)
-    # one batched call over the prompts repeated k times: copies of a prompt share a length, so they share
-    # batches and pad nothing; sampling makes the copies differ
-    repeated = [p for p in prompts for _ in range(k)]
-    samples = generate(
-        model, tokenizer, repeated, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-        do_sample=True, batch_size=batch_size, seed=seed, prompt_format=prompt_format,
-    )
-    rewards = score_with(reward, repeated, samples.texts, "reward")
-    costs = score_with(cost, repeated, samples.texts, "cost") if cost is not None else None
+    _, samples, rewards, costs = sample_k_and_score(
+        model, tokenizer, prompts, k, reward, cost, max_new_tokens=max_new_tokens, temperature=temperature,
+        top_p=top_p, do_sample=True, batch_size=batch_size, seed=seed, prompt_format=prompt_format)
     return ScoredSamples(prompts, k, samples.texts, rewards, costs, list(samples.finished))
 
 
