@@ -601,9 +601,14 @@ def _errors(summary: pd.DataFrame, metric: str) -> np.ndarray:
     mean, sd = _num(summary, f"{metric}_mean"), _num(summary, f"{metric}_sd")
     lo, hi = _num(summary, f"{metric}/lo_mean"), _num(summary, f"{metric}/hi_mean")
     counts = pd.Series([_count(r, metric) for r in summary.to_dict("records")], index=summary.index)
-    single = counts < 2
-    below = sd.where(~single, mean - lo).fillna(0).clip(lower=0)
-    above = sd.where(~single, hi - mean).fillna(0).clip(lower=0)
+    return bar_lengths(mean, sd, lo, hi, use_sd=counts >= 2)
+
+
+def bar_lengths(mean: pd.Series, sd: pd.Series, lo: pd.Series, hi: pd.Series, use_sd: pd.Series) -> np.ndarray:
+    """Error bar lengths (2 x rows: below, above): the sd where `use_sd`, else the interval [lo, hi] around the
+    mean; 0 where the one it takes is missing."""
+    below = sd.where(use_sd, mean - lo).fillna(0).clip(lower=0)
+    above = sd.where(use_sd, hi - mean).fillna(0).clip(lower=0)
     return np.vstack([below.to_numpy(), above.to_numpy()])
 
 

@@ -447,9 +447,7 @@ def _bars(table: pd.DataFrame, column_id: str) -> np.ndarray:
     """Error bar lengths (2 x rows: below, above): the sd over seeds, else a run's bootstrap interval, else 0."""
     mean, sd = base._num(table, f"{column_id}_mean"), base._num(table, f"{column_id}_sd")
     lo, hi = base._num(table, f"{column_id}_lo"), base._num(table, f"{column_id}_hi")
-    below = sd.where(sd.notna(), mean - lo).fillna(0).clip(lower=0)
-    above = sd.where(sd.notna(), hi - mean).fillna(0).clip(lower=0)
-    return np.vstack([below.to_numpy(), above.to_numpy()])
+    return base.bar_lengths(mean, sd, lo, hi, use_sd=sd.notna())
 
 
 def win_rates_figure(rep: StepwiseReport) -> Figure | None:
