@@ -269,7 +269,8 @@ def load_prompt_file(name: str) -> list[dict]:
     """Rows of ``riskexp/data/prompts/<name>.jsonl`` (``name`` with or without ``.jsonl``).
 
     Files: ``rtp_challenging`` (700, keys prompt/attribute), ``benign_prompts`` (100, prompt/kind),
-    ``movie_openings`` (150, prompt/template), ``sentiment_labelled`` (80, text/label).
+    ``movie_openings`` (150, prompt/template), ``review_openings`` (240, prompt/sentiment; 116 negative),
+    ``sentiment_labelled`` (80, text/label).
     """
     stem = name[: -len(".jsonl")] if name.endswith(".jsonl") else name
     if not stem or "/" in stem or "\\" in stem or stem.startswith("."):
