@@ -154,11 +154,18 @@ class Draws:
     cost: Tensor | None
     log_ratio: Tensor  # log pi_model - log pi_reference of each completion (0 without a distinct reference)
     length: Tensor  # new tokens of each completion
+    shaped: Tensor | None = None  # reward - beta * log_ratio (`with_shaped_return`), None unless asked for
 
     def take(self, prompts: Tensor) -> Draws:
         """The draws of the prompts at indices `prompts` (a subset)."""
         return Draws(*(None if v is None else v[prompts] for v in (self.reward, self.cost, self.log_ratio,
-                                                                    self.length)))
+                                                                    self.length, self.shaped)))
+
+    def with_shaped_return(self, beta: float) -> Draws:
+        """These draws with `shaped` = reward - beta * (log pi_model - log pi_reference of the whole completion):
+        the Monte Carlo KL-shaped return R_bar of RLHF (RA-RLHF's, with its KL coefficient beta)."""
+        return Draws(self.reward, self.cost, self.log_ratio, self.length,
+                     self.reward.double() - float(beta) * self.log_ratio.double())
 
 
 def _statistics(levels: Sequence[float], cost_threshold: float) -> dict[str, Statistic]:
@@ -172,12 +179,13 @@ def _statistics(levels: Sequence[float], cost_threshold: float) -> dict[str, Sta
         "cost": cost,
         "log_ratio": lambda values: {"kl": values.mean(-1)},  # on the model's own samples: KL(model || reference)
         "length": lambda values: {"mean": values.mean(-1)},
+        "shaped": lambda values: {"mean": values.mean(-1)},
     }
 
 
-_STEMS = {"reward": "reward_", "cost": "cost_", "log_ratio": "", "length": "length_"}
+_STEMS = {"reward": "reward_", "cost": "cost_", "log_ratio": "", "length": "length_", "shaped": "shaped_return_"}
 # kinds whose change against the reference gets a paired interval (the reference's KL to itself is 0)
-_CHANGED = ("reward", "cost", "length")
+_CHANGED = ("reward", "cost", "length", "shaped")
 
 
 def _named(prefix: str, kind: str, values: dict[str, float]) -> dict[str, float]:
@@ -311,6 +319,7 @@ def compare(
     confidence: float = 0.95,
     seed: int = 0,
     subsets: dict[str, Sequence[int]] | None = None,
+    shaped_beta: float | None = None,
     **sampling,
 ) -> tuple[dict[str, float], list[dict]]:
     """`evaluate_model` of the reference (prefix `ref_eval`, KL 0), of each of `intermediates` (name -> model,
@@ -324,8 +333,11 @@ def compare(
       and `<prefix>/cost_win_rate` (harmlessness: lower cost wins), a tie counting 0.5 as in SACPO, and
       `<prefix>/<judge>_win_rate` for each of `judges` (name -> a pairwise judge, `riskexp.judges`).
 
-    `subsets` (name -> prompt indices, e.g. harmful and benign requests) repeat all of it on those prompts'
-    samples under `<prefix>/<subset>/...`. Returns the merged metrics and every model's rows (`sample_and_score`'s
+    `subsets` (name -> prompt indices, e.g. harmful and benign requests, or RA-RLHF's prompt tail: `prompt_tail`)
+    repeat all of it on those prompts' samples under `<prefix>/<subset>/...`. With `shaped_beta` (an RL run's KL
+    coefficient) each model also gets its mean KL-shaped return, `<prefix>/shaped_return_mean` = the mean over
+    samples of reward - shaped_beta * (log pi_model - log pi_reference of the completion), with its interval and
+    paired change (the reference's is its mean reward). Returns the merged metrics and every model's rows (`sample_and_score`'s
     with `model`: reference, the intermediates' names, policy), in that order."""
     if reference is None:
         raise ValueError("compare needs a reference model")
@@ -339,6 +351,8 @@ def compare(
                                                           prefix=model_prefix(name), **sampling)
         metrics |= named
         rows += [{"model": name, **row} for row in model_rows]
+        if shaped_beta is not None:
+            draws[name] = draws[name].with_shaped_return(shaped_beta)
     judged = {}  # judge -> model -> (N, K) judgements of the model's samples against the reference's
     for judge_name, judge in (judges or {}).items():
         ref_texts = [r["completion"] for r in rows if r["model"] == "reference"]
@@ -398,6 +412,55 @@ def _compare_draws(draws: dict[str, Draws], judged: dict[str, dict[str, Tensor]]
     return out
 
 
+# RA-RLHF's reward-vs-prompt-quantile curves of a run's models (`quantile_curves`, written by run.record_evaluation)
+QUANTILE_CURVE_CSV, QUANTILE_CURVE_PNG = "quantile_curve.csv", "quantile_curve.png"
+
+
+def prompt_tail(prompt_scores: Sequence[float] | Tensor, threshold: float) -> list[int]:
+    """RA-RLHF's tail prompts: the indices of the prompts whose *prompt* score is at or below `threshold`, in
+    order. (N,) -> list of at most N indices (a `compare` subset)."""
+    scores = torch.as_tensor(prompt_scores, dtype=torch.float64).flatten()
+    return torch.nonzero(scores <= threshold).flatten().tolist()
+
+
+def prompt_quantile_curve(prompt_scores: Sequence[float] | Tensor, rewards: Sequence | Tensor) -> Tensor:
+    """RA-RLHF's reward-vs-quantile curve (a prompt-conditional CVaR): entry q - 1, for q = 1..100, is the mean
+    completion reward over the worst q% of the prompts by prompt score, the ceil(q N / 100) prompts of lowest
+    score (at least one; ties in prompt order), all K completions of each; entry 99 is the mean reward.
+
+    prompt_scores (N,), rewards (N, K) (K completions per prompt; (N,): one each) -> (100,) float64."""
+    scores = torch.as_tensor(prompt_scores, dtype=torch.float64).flatten()
+    values = torch.as_tensor(rewards, dtype=torch.float64)
+    values = values[:, None] if values.dim() == 1 else values
+    n = scores.numel()
+    if not n or values.dim() != 2 or values.shape[0] != n or not values.shape[1]:
+        raise ValueError(f"prompt_quantile_curve needs N >= 1 prompt scores and (N, K >= 1) rewards; got "
+                         f"{tuple(scores.shape)} and {tuple(values.shape)}")
+    totals = values[torch.sort(scores, stable=True).indices].sum(1).cumsum(0)  # worst prompts first
+    counts = torch.tensor([-(-q * n // 100) for q in range(1, 101)])  # ceil(q N / 100), in integers
+    return totals[counts - 1] / (counts * values.shape[1])
+
+
+def quantile_curves(rows: Sequence[dict]) -> list[dict]:
+    """The `prompt_quantile_curve` of each model among `compare`'s rows that carry a `prompt_score` (as
+    run.evaluate_task's do): `{"q", "model", "mean_reward"}` for q = 1..100, the models in the rows' order;
+    [] where no row has a prompt score. ValueError where a model's prompts have unequal numbers of samples."""
+    by_model: dict[str, dict[int, tuple[float, list[float]]]] = {}
+    for row in rows:
+        if row.get("prompt_score") is None:
+            continue
+        prompts = by_model.setdefault(row.get("model", "policy"), {})
+        prompts.setdefault(row["prompt_index"], (float(row["prompt_score"]), []))[1].append(float(row["reward"]))
+    curves = []
+    for model, prompts in by_model.items():
+        ordered = [prompts[i] for i in sorted(prompts)]
+        if len({len(rewards) for _, rewards in ordered}) != 1:
+            raise ValueError(f"the prompts of model {model!r} have unequal numbers of samples")
+        curve = prompt_quantile_curve([score for score, _ in ordered], [rewards for _, rewards in ordered])
+        curves += [{"q": q, "model": model, "mean_reward": v} for q, v in enumerate(curve.tolist(), start=1)]
+    return curves
+
+
 # (metric name under ref_eval/ and eval/, what it is counted over), labelled by formatting.METRIC_LABELS
 _TABLE = [
     ("reward_mean", "samples"),
@@ -407,6 +470,7 @@ _TABLE = [
     ("cost_cvar", "samples"),
     ("cost_rate", "samples"),
     ("kl", "samples"),
+    ("shaped_return_mean", "samples"),
     ("reward_win_rate", "samples"),
     ("cost_win_rate", "samples"),
     ("length_mean", "samples"),
@@ -432,8 +496,16 @@ def _cell(metrics: dict, key: str, sign: str = "") -> str:
 def _label(name: str, counted: str, results: dict, level: float | None, subset: str = "") -> str:
     label = METRIC_LABELS[name].format(level="" if level is None else f"{level:g}").rstrip("@")
     count = _COUNTS[counted](results, f"/{subset}") if subset else _COUNTS[counted](results)
-    label = f"{subset}: {label}" if subset else label
+    label = f"{_subset_name(subset)}: {label}" if subset else label
     return f"{label} ({count})" if count else label
+
+
+# how the end-of-run table names a prompt subset, where not by its own name
+_SUBSET_NAMES = {"prompt_tail": "prompt tail"}
+
+
+def _subset_name(subset: str) -> str:
+    return _SUBSET_NAMES.get(subset, subset)
 
 
 # the rows repeated for each prompt subset (`eval/<subset>/...`)
@@ -472,7 +544,7 @@ def _comparison_rows(results: dict, level: float | None, subset: str = "") -> li
         if name in METRIC_LABELS:
             label = _label(name, counted, results, level, subset)
         else:  # another judge's win rate
-            label = f"{subset}: " * bool(subset) + f"win rate by {name.removesuffix('_win_rate')}"
+            label = f"{_subset_name(subset)}: " * bool(subset) + f"win rate by {name.removesuffix('_win_rate')}"
         rows.append((label, *(_cell(results, keys[m]) for m in models), *changes))
     return rows
 
@@ -520,6 +592,15 @@ def format_comparison(results: dict, level: float | None = None, confidence: flo
         legend.append(f"win rate: share of a model's samples that beat the reference's sample of the same prompt "
                       f"(same draw), by higher reward (helpfulness) or lower cost (harmlessness){judges}; a tie "
                       "counts 0.5.")
+    if "eval_prompts/prompt_tail" in results:
+        threshold = results.get("eval_prompt_tail_threshold")
+        at = f" {threshold:g}" if isinstance(threshold, int | float) else " the threshold"
+        legend.append(f"prompt tail: the prompts whose own score (the task's prompt scorer) is at or below{at} "
+                      "(RA-RLHF's Tail).")
+    if any(r[0].startswith(METRIC_LABELS["shaped_return_mean"]) for r in rows):
+        beta = results.get("eval_shaped_beta")
+        legend.append("shaped return: the mean over samples of reward - beta * (log pi - log pi_ref of the "
+                      f"completion){f', beta={beta:g}' if isinstance(beta, int | float) else ''} (RLHF's R_bar).")
     if accuracies:
         legend.append("accuracies: share of the validation pairs whose chosen response the trained policy ranks "
                       "above the rejected one, by the DPO implicit reward beta*log(pi/pi_ref) (implicit accuracy; "

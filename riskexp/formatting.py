@@ -16,6 +16,7 @@ METRIC_LABELS = {
     "cost_var": "cost VaR@{level}",
     "cost_rate": "cost rate",
     "kl": "KL to reference",
+    "shaped_return_mean": "shaped return",  # reward - beta * log(pi/pi_ref) of the completion (RLHF's R_bar)
     "reward_win_rate": "win rate by reward",   # against the reference, a tie counting 0.5 (SACPO)
     "cost_win_rate": "win rate by cost",
     "length_mean": "length (tokens)",

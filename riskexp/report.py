@@ -862,11 +862,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(table, end="")
     # SACPO / RSA step-2 and P-SACPO merge runs also get stepwise.md, stepwise.csv and win_rates.png (imported
     # here: riskexp.stepwise.report builds on this module)
+    # RL runs with a prompt tail (RA-RLHF's evaluation) also get rl.md, rl.csv and quantile_curve.png
+    from riskexp.rl.report import write_rl
     from riskexp.stepwise.report import write_stepwise
 
     written = [out / "report.md", out / "report.csv", *plot(runs, out, args.group_by, info)]
     try:
         written += write_stepwise(runs, out)
+        written += write_rl(runs, out)
     except ValueError as err:  # a malformed samples.jsonl: the files above are written all the same
         print(f"error: {err}", file=sys.stderr)
         return 2
