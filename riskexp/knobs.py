@@ -22,7 +22,7 @@ from riskexp.results import changes_results, run_config
 # what `riskexp.run` builds the trained policy from
 TRAINING_ROOTS = ("algo", "model", "data", "optimizer", "scheduler", "trainer", "seed")
 # ... except these, read only by the evaluation after training and by `python -m riskexp.data.build`
-NOT_TRAINING = ("data.task", "data.build")
+NOT_TRAINING = ("data.task", "data.build", "data.rl")
 # top-level keys that change results without being knobs of the trained algorithm (evaluation settings, and
 # the merged policies of `python -m riskexp.merge`)
 NOT_KNOBS = ("eval", "merge")

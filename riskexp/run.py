@@ -49,10 +49,10 @@ def describe(cfg: DictConfig) -> dict:
 
 
 def datamodule_config(cfg: DictConfig) -> dict:
-    """The data group without its `task` (evaluation) and `build` (preference building) sections, resolved
+    """The data group without its `task` (evaluation), `build` (preference building) and `rl` sections, resolved
     while still attached to the whole config (it interpolates top-level keys such as `seed`)."""
     return {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
-            for k, v in cfg.data.items() if k not in ("task", "build")}
+            for k, v in cfg.data.items() if k not in ("task", "build", "rl")}
 
 
 def _take(items: list, requested: int, key: str, what: str) -> list:
@@ -63,14 +63,20 @@ def _take(items: list, requested: int, key: str, what: str) -> list:
     return items[:requested]
 
 
-def evaluate_task(cfg: DictConfig, policy, reference, tokenizer, intermediates: dict | None = None
-                  ) -> tuple[dict, list[dict]]:
+def evaluate_task(cfg: DictConfig, policy, reference, tokenizer, intermediates: dict | None = None,
+                  shaped_beta: float | None = None) -> tuple[dict, list[dict]]:
     """Sample, score and compare the policy (and `intermediates`, name -> model, e.g. a stepwise run's step 1)
     with the reference on the task's held-out prompts: tails at the headline `eval.alpha` and at each of
     `eval.alphas` and the run's own `alpha`, with bootstrap intervals, and win rates by the reward, the cost and
     each of `eval.judges`. The metrics carry the counts they are over: `eval_prompts`,
-    `eval_samples_per_prompt`, `eval_heldout_texts`."""
-    from riskexp.evaluation import compare
+    `eval_samples_per_prompt`, `eval_heldout_texts`.
+
+    RA-RLHF's evaluation, where the task has a `prompt_scorer` and `eval.prompt_tail_threshold` is set: each
+    prompt's own score (`prompt_score` in the rows) and the subset `prompt_tail` of the prompts scored at or
+    below the threshold (`eval/prompt_tail/reward_mean`, ..., `eval_prompts/prompt_tail`,
+    `eval_prompt_tail_threshold`). `shaped_beta` (an RL run's KL coefficient): each model's
+    `<prefix>/shaped_return_mean`, reward - shaped_beta * log(pi/pi_ref) of the completion (`eval_shaped_beta`)."""
+    from riskexp.evaluation import compare, prompt_tail, score_with
 
     task, settings = cfg.data.task, cfg.eval
     prompts = _take(instantiate(task.prompts), settings.num_prompts, "eval.num_prompts", "held-out prompts")
@@ -84,6 +90,16 @@ def evaluate_task(cfg: DictConfig, policy, reference, tokenizer, intermediates: 
         members = set(instantiate(loader))
         subsets[name] = [i for i, prompt in enumerate(prompts) if prompt in members]
         counts[f"eval_prompts/{name}"] = len(subsets[name])
+    threshold, prompt_scores = settings.get("prompt_tail_threshold"), None
+    if task.get("prompt_scorer") and threshold is not None:  # RA-RLHF's Tail: the tail is by the prompt's score
+        prompt_scores = score_with(instantiate(task.prompt_scorer), prompts, [""] * len(prompts), "prompt")
+        subsets["prompt_tail"] = prompt_tail(prompt_scores, threshold)
+        counts |= {"eval_prompts/prompt_tail": len(subsets["prompt_tail"]), "eval_prompt_tail_threshold": threshold}
+        if not subsets["prompt_tail"]:
+            log.warning("no evaluated prompt has a prompt score at or below eval.prompt_tail_threshold=%g (the "
+                        "lowest is %.4g): no eval/prompt_tail metrics", threshold, prompt_scores.min().item())
+    if shaped_beta is not None:
+        counts["eval_shaped_beta"] = shaped_beta
     metrics, rows = compare(
         policy, reference, tokenizer, prompts,
         intermediates=intermediates,
@@ -104,9 +120,12 @@ def evaluate_task(cfg: DictConfig, policy, reference, tokenizer, intermediates: 
         seed=cfg.seed,
         prompt_format=cfg.data.prompt_format,
         subsets=subsets,
+        shaped_beta=shaped_beta,
     )
     for row in rows:  # which subsets each completion's prompt is in, for the report's Elo ratings
         row["subsets"] = [name for name, members in subsets.items() if row["prompt_index"] in members]
+        if prompt_scores is not None:  # for the reward-vs-prompt-quantile curve
+            row["prompt_score"] = prompt_scores[row["prompt_index"]].item()
     return metrics | counts, rows
 
 
@@ -131,11 +150,24 @@ def saves_policy(cfg: DictConfig) -> bool:
 
 def record_evaluation(out: Path, logger, metrics: dict, rows: list[dict], n_rows: int) -> None:
     """Every evaluated completion to `out/samples.jsonl` (one row per model, prompt and sample: what the report's
-    Elo ratings are computed from), and the metrics and a side-by-side table of the first `n_rows` samples (each
-    model's completion, reward and cost) to the logger."""
+    Elo ratings are computed from), RA-RLHF's reward-vs-prompt-quantile curve of each model to
+    `out/quantile_curve.csv` (q, model, mean_reward) and `out/quantile_curve.png` where the rows carry a
+    `prompt_score`, and the metrics and a side-by-side table of the first `n_rows` samples (each model's
+    completion, reward and cost) to the logger."""
+    from riskexp.evaluation import QUANTILE_CURVE_CSV, QUANTILE_CURVE_PNG, quantile_curves
     from riskexp.files import write_jsonl
 
     write_jsonl(rows, out / SAMPLES_FILE)
+    curves = quantile_curves(rows)
+    if curves:
+        import pandas as pd
+
+        from riskexp.rl.report import quantile_figure
+
+        curves = pd.DataFrame(curves)
+        curves.to_csv(out / QUANTILE_CURVE_CSV, index=False)
+        lines = {model: (c["q"], c["mean_reward"], None) for model, c in curves.groupby("model", sort=False)}
+        quantile_figure(lines, title=f"{out.name}: reward over the worst prompts").savefig(out / QUANTILE_CURVE_PNG)
     if not logger:
         return
     logger.log_metrics(metrics)

@@ -69,6 +69,9 @@ class EvalConfig:
     num_heldout_texts: int = 64
     samples_logged: int = 16
     judges: dict[str, Any] = field(default_factory=dict)
+    # RA-RLHF's prompt tail: eval/prompt_tail/* over the prompts whose prompt score (data.task.prompt_scorer)
+    # is at or below it; None: no prompt tail and no quantile curve
+    prompt_tail_threshold: Optional[float] = None
 
 
 @dataclass
@@ -200,6 +203,54 @@ class RSAConfig(StepwiseConfig):
     kl_weight: float = 0.5
 
 
+@dataclass
+class KLControlConfig:
+    adaptive: bool = True  # Ziegler's proportional controller; false: beta fixed at init
+    init: float = 0.2
+    target: float = 6.0
+    horizon: float = 10000.0
+
+
+@dataclass
+class SoftRiskConfig:
+    schedule: str = "new"  # new | old
+    warm_start: Any = 0.15  # n: integer iterations, or a float in [0, 1): a fraction of the run
+    rho: float = 0.95
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+
+@dataclass
+class PPOConfig(AlgoConfig):
+    """PPO-RLHF and RA-RLHF (riskexp.rl): the RL family's knobs; sizes of the batch and generations: data.rl."""
+
+    critic: str = "shared"  # shared | separate
+    value_head_dropout: float = 0.1
+    ppo_epochs: int = 4
+    mini_batch_size: Optional[int] = None  # null: the whole batch
+    gamma: float = 1.0
+    gae_lambda: float = 0.95  # GAE lambda (trl: lam; `lam` is the stepwise methods' top-level knob)
+    clip_range: float = 0.2
+    clip_range_value: float = 0.2
+    vf_coef: float = 0.1
+    ratio_threshold: float = 10.0
+    max_grad_norm: Optional[float] = None
+    kl: KLControlConfig = field(default_factory=KLControlConfig)
+    kl_input: str = "reference"  # reference | kept_mean | all
+    soft_risk: SoftRiskConfig = field(default_factory=SoftRiskConfig)
+    statistic: str = "mc_shaped"  # mc_shaped | lambda_return_first_token | env_score
+    keep_ties: bool = False
+    drop_unkept: bool = True
+    rollout: SamplingConfig = field(default_factory=SamplingConfig)  # lengths: data.rl
+    data_module: Any = MISSING
+    recipe: Any = MISSING
+
+
 def register_schemas() -> None:
     cs = ConfigStore.instance()
     cs.store(name="riskexp_schema", node=RiskexpConfig)
@@ -211,6 +262,7 @@ def register_schemas() -> None:
                        ("ra_dpo", RaDPOConfig), ("sacpo", StepwiseConfig), ("rsa", RSAConfig)):
         cs.store(name=f"algo_{name}_schema", node=node)
     cs.store(name="algo_kto_schema", node=KTOConfig)
+    cs.store(name="algo_ppo_schema", node=PPOConfig)
 
 
 # --- resolvers used in conf/ -----------------------------------------------------------------------------
@@ -310,7 +362,7 @@ RISKEXP_TRAINER_KEYS = ("checkpoint_every_n_steps", "keep_checkpoint")
 
 # `_target_` groups: keys riskexp reads itself beside the target's arguments, and arguments riskexp passes
 # itself (run.py, modules.py), so a config must not set them
-OWN_KEYS = {"data": ("task", "build"), "trainer": RISKEXP_TRAINER_KEYS}
+OWN_KEYS = {"data": ("task", "build", "rl"), "trainer": RISKEXP_TRAINER_KEYS}
 PASSED_BY_RISKEXP = {
     "data": ("tokenizer",),
     "optimizer": ("params",),
@@ -318,10 +370,12 @@ PASSED_BY_RISKEXP = {
     "trainer": ("logger", "callbacks", "default_root_dir", "enable_checkpointing"),
 }
 
-# sections of the data group that riskexp reads itself (run.evaluate_task, riskexp.data.build)
+# sections of the data group that riskexp reads itself (run.evaluate_task, riskexp.data.build, riskexp.rl)
 DATA_SECTION_KEYS = {
-    "task": ("prompts", "reward", "cost", "heldout_texts", "subsets", "cost_threshold"),
+    "task": ("prompts", "reward", "cost", "heldout_texts", "subsets", "cost_threshold", "prompt_scorer",
+             "prompt_tail_threshold"),
     "build": ("prompts", "k", "rows", "max_new_tokens", "temperature", "top_p", "batch_size", "out"),
+    "rl": ("prompts", "batch_size", "max_new_tokens", "min_new_tokens"),
 }
 
 # keys that follow a top-level knob by interpolation: set directly, they would silently part from the knob

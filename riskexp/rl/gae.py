@@ -11,6 +11,8 @@ Shaped rewards, advantages and returns are the fixed targets of an iteration: th
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -45,42 +47,53 @@ def response_bounds(mask: Tensor) -> tuple[Tensor, Tensor]:
     return first, last
 
 
-def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+AllReduce = Callable[[Tensor], Tensor]  # sums a tensor over the data-parallel ranks (identity on one process)
+
+
+def _local(x: Tensor) -> Tensor:
+    return x
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None, all_reduce: AllReduce = _local) -> Tensor:
     """Mean of x over the true entries of mask (trl's `masked_mean`); NaN where the mask is empty.
 
-    (B, T) -> () or, with `dim`, the mean along it. Entries outside the mask never enter, not even as NaN."""
+    (B, T) -> () or, with `dim`, the mean along it. Entries outside the mask never enter, not even as NaN.
+    `all_reduce` (sum over ranks) makes the mean one over every rank's entries (with `dim=None` only)."""
     m = bool_mask(mask)
     total = torch.where(m, x, 0.0)
     if dim is None:
-        return total.sum() / m.sum()
+        return all_reduce(total.sum()) / all_reduce(m.sum())
     return total.sum(dim) / m.sum(dim)
 
 
-def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
+def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True, all_reduce: AllReduce = _local) -> Tensor:
     """Variance of x over the true entries of mask; `unbiased` applies Bessel's n / (n - 1) as trl does.
 
-    (B, T) -> (). Not finite when the mask holds fewer than two entries (one for the biased variance)."""
+    (B, T) -> (). Not finite when the mask holds fewer than two entries (one for the biased variance).
+    `all_reduce` as in `masked_mean`: two passes over every rank's entries, as on one process."""
     m = bool_mask(mask)
-    centered = torch.where(m, x - masked_mean(x, m), 0.0)
-    variance = masked_mean(centered**2, m)
+    centered = torch.where(m, x - masked_mean(x, m, all_reduce=all_reduce), 0.0)
+    variance = masked_mean(centered**2, m, all_reduce=all_reduce)
     if unbiased:
-        n = m.sum()
+        n = all_reduce(m.sum())
         variance = variance * n / (n - 1)
     return variance
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8,
+                  all_reduce: AllReduce = _local) -> Tensor:
     """trl's `masked_whiten` over the true entries of mask: (x - mu) / sqrt(var + eps), unbiased variance.
 
     With shift_mean=False the mean is added back (only the scale is normalised). The statistics come from the
     masked entries only, so RA-RLHF whitens over the kept tokens by passing the kept-token mask; entries
-    outside the mask are returned as 0 (they never enter a loss). (B, T) -> (B, T)."""
+    outside the mask are returned as 0 (they never enter a loss). Under data parallelism `all_reduce` (a sum
+    over ranks) takes the statistics over the global batch's tokens. (B, T) -> (B, T)."""
     check_same_shape(mask, x=x)
     m = bool_mask(mask)
-    n = int(m.sum())
+    n = int(all_reduce(m.sum()))
     if n < 2:
         raise ValueError(f"the mask holds {n} token(s): whitening with the unbiased variance needs at least 2")
-    mean, var = masked_mean(x, m), masked_var(x, m, unbiased=True)
+    mean, var = masked_mean(x, m, all_reduce=all_reduce), masked_var(x, m, unbiased=True, all_reduce=all_reduce)
     whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean

@@ -119,15 +119,25 @@ def kl_controller_inputs(logp: Tensor, ref_logp: Tensor, mask: Tensor, kept: Ten
     * "kept_mean": mean_{i in K} KL_i, what the paper's text describes (eq. 12);
     * "all": mean_i KL_i over the whole batch, vanilla RLHF's `objective/kl`."""
     check_same_shape(mask, logp=logp, ref_logp=ref_logp)
-    m = bool_mask(mask)
-    if kept.shape != m.shape[:1] or kept.dtype != torch.bool:
-        raise ValueError(f"kept has shape {tuple(kept.shape)} and dtype {kept.dtype}: accepted is ({m.shape[0]},) bool")
-    kl = (logp - ref_logp).detach()
-    row_kl = torch.where(m, kl, 0.0).sum(-1)
+    return kl_statistics(row_kl(logp, ref_logp, mask), kept)
+
+
+def row_kl(logp: Tensor, ref_logp: Tensor, mask: Tensor) -> Tensor:
+    """KL_i = sum_t (log pi - log pi_ref) over each row's response tokens, detached. (B, T) -> (B,)."""
+    check_same_shape(mask, logp=logp, ref_logp=ref_logp)
+    return torch.where(bool_mask(mask), (logp - ref_logp).detach(), 0.0).sum(-1)
+
+
+def kl_statistics(kl_per_row: Tensor, kept: Tensor) -> dict[str, Tensor]:
+    """`kl_controller_inputs` from the rows' KL_i (B,) and the kept rows (B,) bool (under data parallelism:
+    the gathered global batch's)."""
+    if kept.shape != kl_per_row.shape or kept.dtype != torch.bool:
+        raise ValueError(f"kept has shape {tuple(kept.shape)} and dtype {kept.dtype}: accepted is "
+                         f"{tuple(kl_per_row.shape)} bool")
     return {
-        "reference": torch.where(kept, row_kl, 0.0).sum() / m.shape[0],
-        "kept_mean": row_kl[kept].mean(),
-        "all": row_kl.mean(),
+        "reference": torch.where(kept, kl_per_row, 0.0).sum() / kl_per_row.shape[0],
+        "kept_mean": kl_per_row[kept].mean(),
+        "all": kl_per_row.mean(),
     }
 
 
@@ -153,3 +163,55 @@ def entropic_episode_weights(returns: Tensor, theta: float) -> Tensor:
     with torch.enable_grad():
         (grad,) = torch.autograd.grad(entropic_lower(x, float(theta)), x)
     return grad * returns.shape[0]
+
+
+@dataclass
+class EpisodeWeighting:
+    """What the risk group makes of one batch: the episodes PPO trains on and how much each weighs."""
+
+    kept: Tensor  # (B,) bool, new: the episodes whose tokens enter whitening, the losses and the critic
+    weights: Tensor | None  # (B,) policy-loss weights (risk=entropic), None: all 1
+    level: float  # alpha'(m): the fraction of the batch kept (1 for mean and entropic)
+    threshold: Tensor | None  # q_hat of the hard tail (risk=cvar), else None
+
+
+def warm_start_iterations(warm_start: int | float, iterations: int) -> int:
+    """The schedule's n in iterations: an integer as it is (the paper's n = 30), a float in [0, 1) as that
+    fraction of the run's M iterations (floor), so that a short run still has a risk-averse phase."""
+    if isinstance(warm_start, bool) or not isinstance(warm_start, (Integral, float)):
+        raise ValueError(f"warm_start={warm_start!r}: accepted are integers >= 0 (iterations) or floats in "
+                         "[0, 1) (a fraction of the run)")
+    if isinstance(warm_start, Integral):
+        if warm_start < 0:
+            raise ValueError(f"warm_start={warm_start!r}: accepted are integers >= 0 or floats in [0, 1)")
+        return int(warm_start)
+    if not 0.0 <= warm_start < 1.0:
+        raise ValueError(f"warm_start={warm_start!r}: a fraction of the run must be in [0, 1); integers count "
+                         "iterations")
+    return int(warm_start * iterations)
+
+
+def weigh_episodes(risk, statistic: Tensor, iteration: int, iterations: int, *, schedule: str = "new",
+                   warm_start: int | float = 30, rho: float = 0.95, keep_ties: bool = False) -> EpisodeWeighting:
+    """The risk group across a batch's episodes, ranked by `statistic` (B,) (low = bad; the global batch under
+    data parallelism):
+
+    * `riskexp.risk.CVaR` (RA-RLHF): keep the k = ceil(B alpha'(m)) lowest, alpha' on the soft-risk schedule
+      from 1 down to the risk's alpha (`riskexp.rl.soft_risk`);
+    * `riskexp.risk.Entropic` (riskexp's own extension): keep all, weights B softmax(-theta R);
+    * `riskexp.risk.Mean` (PPO-RLHF): keep all, weight 1."""
+    from riskexp.risk import CVaR, Entropic, Mean
+    from riskexp.rl.soft_risk import soft_risk_count
+
+    b = statistic.shape[0]
+    everyone = torch.ones(b, dtype=torch.bool, device=statistic.device)
+    if isinstance(risk, CVaR):
+        n = warm_start_iterations(warm_start, iterations)
+        k = soft_risk_count(iteration, b, risk.alpha, n, rho, iterations, schedule)
+        tail = select_tail(statistic, k, keep_ties)
+        return EpisodeWeighting(tail.kept, None, k / b, tail.threshold)
+    if isinstance(risk, Entropic):
+        return EpisodeWeighting(everyone, entropic_episode_weights(statistic, risk.theta), 1.0, None)
+    if isinstance(risk, Mean):
+        return EpisodeWeighting(everyone, None, 1.0, None)
+    raise ValueError(f"risk {risk!r} has no episode weighting: accepted are riskexp.risk.Mean, CVaR, Entropic")

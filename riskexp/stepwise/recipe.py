@@ -47,9 +47,10 @@ def _conf_dir() -> Path:
 
 @functools.cache
 def preference_algos() -> tuple[str, ...]:
-    """The options of `conf/algo/` a step can run: every algo that is not itself stepwise."""
+    """The options of `conf/algo/` a step can run: the preference family's (a Lightning module of their own and
+    the default recipe; stepwise and RL algos have a recipe of theirs)."""
     return tuple(sorted(p.stem for p in (_conf_dir() / "algo").glob("*.yaml")
-                        if "steps" not in OmegaConf.load(p)))
+                        if "module" in (algo := OmegaConf.load(p)) and "recipe" not in algo))
 
 
 def check_steps(algo: DictConfig) -> None:

@@ -1,0 +1,380 @@
+"""PPO-RLHF and RA-RLHF as a Lightning module with manual optimisation: one prompt batch, one iteration.
+
+Each `training_step` (RA-RLHF Algorithm 1, trl 0.7's `PPOTrainer.step`):
+
+1. roll out the batch (`riskexp.rl.rollout`): sampled tokens, the policy's and the reference's per-token
+   log-probs and the critic's values, as tensors; score prompt and response with the task's reward;
+2. shaped rewards r_t = -beta (log pi - log pi_ref) + score at each row's last token, GAE and lambda-returns;
+3. the risk group across the episodes (`riskexp.rl.tail.weigh_episodes`): all of them (risk=mean), the k worst
+   by the ranking statistic on the soft-risk schedule (risk=cvar: RA-RLHF), or entropic weights;
+4. advantages whitened once over the kept tokens; with `mini_batch_size` equal to the batch the dropped
+   episodes are then removed from the tensors (the same losses, less compute);
+5. `ppo_epochs` passes over shuffled minibatches: clipped policy and value losses, the ratio guard, optional
+   gradient clipping, the optimizer and the schedule stepped per minibatch;
+6. the KL coefficient updated from the KL statistic `kl_input` names (all three logged).
+
+Under data parallelism every rank rolls out its share of the batch; the ranking statistic, the rows' KL and the
+whitening statistics are taken over the global batch, and each minibatch's loss is the mean over the global
+minibatch's tokens (each rank's gradient is scaled by its share of the tokens, then gradients are averaged), so
+the kept set and the update are those of one process holding the whole batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from riskexp.logps import token_stats
+from riskexp.models import hidden_and_head, trunk_and_head
+from riskexp.modules import disable_dropout
+from riskexp.risk import Mean, RiskMeasure
+from riskexp.rl.gae import gae, masked_mean, masked_whiten, shaped_rewards
+from riskexp.rl.kl_control import kl_controller
+from riskexp.rl.ppo import ppo_loss
+from riskexp.rl.rollout import Rollout, position_ids, response_labels, rollout
+from riskexp.rl.tail import (
+    KL_INPUTS,
+    choose_kl_input,
+    kept_token_mask,
+    kl_statistics,
+    ranking_statistic,
+    row_kl,
+    weigh_episodes,
+)
+
+CRITICS = ("shared", "separate")
+
+log = logging.getLogger(__name__)
+
+
+class ValueHead(nn.Module):
+    """trl's value head: Dropout(p) -> Linear(hidden, 1) on a trunk's final hidden states. (..., H) -> (...)."""
+
+    def __init__(self, hidden_size: int, dropout: float = 0.1):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.summary = nn.Linear(hidden_size, 1)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return self.summary(self.dropout(hidden.to(self.summary.weight.dtype))).squeeze(-1)
+
+
+def _trunk(model: nn.Module) -> nn.Module:
+    split = trunk_and_head(model)
+    if split is None:
+        raise ValueError(f"{type(model).__name__} has no plain trunk/head split (soft-capped logits): a value head "
+                         "needs the trunk's hidden states")
+    return split[0]
+
+
+@dataclass
+class Targets:
+    """One iteration's fixed targets (`PPOModule.targets`)."""
+
+    batch: dict[str, Tensor]  # this rank's minibatch tensors: ids, masks (kept tokens), old logp/values, A, R
+    minibatch_rows: int  # rows of this rank per minibatch
+    kept: Tensor  # (B_global,) bool: the episodes kept, over the global batch
+    kl_inputs: dict[str, Tensor]  # the controller's candidate KL statistics (riskexp.rl.tail.kl_statistics)
+    metrics: dict  # what the iteration logs about its rollout
+
+
+class PPOModule(L.LightningModule):
+    """PPO with a value head on the policy's trunk (`critic=shared`, trl's) or on a copy of it (`separate`)."""
+
+    def __init__(
+        self,
+        policy: nn.Module,
+        reference: nn.Module,
+        tokenizer,
+        reward: Callable[[list, list[str]], Tensor],
+        optimizer: Callable,
+        scheduler: Callable | None = None,
+        risk: RiskMeasure | None = None,
+        *,
+        critic: str = "shared",
+        value_head_dropout: float = 0.1,
+        ppo_epochs: int = 4,
+        mini_batch_size: int | None = None,
+        gamma: float = 1.0,
+        lam: float = 0.95,
+        clip_range: float = 0.2,
+        clip_range_value: float = 0.2,
+        vf_coef: float = 0.1,
+        ratio_threshold: float = 10.0,
+        max_grad_norm: float | None = None,
+        kl: dict | None = None,
+        kl_input: str = "reference",
+        soft_risk: dict | None = None,
+        statistic: str = "mc_shaped",
+        keep_ties: bool = False,
+        drop_unkept: bool = True,
+        sampling: dict | None = None,
+        prompt_format: str = "plain",
+        chunk_size: int = 64,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if critic not in CRITICS:
+            raise ValueError(f"algo.critic={critic!r} is unknown; accepted: {', '.join(CRITICS)}")
+        if kl_input not in KL_INPUTS:
+            raise ValueError(f"algo.kl_input={kl_input!r} is unknown; accepted: {', '.join(KL_INPUTS)}")
+        if isinstance(ppo_epochs, bool) or not isinstance(ppo_epochs, int) or ppo_epochs < 1:
+            raise ValueError(f"algo.ppo_epochs={ppo_epochs!r}: accepted are integers >= 1")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"algo.max_grad_norm={max_grad_norm!r}: accepted are values > 0, or null (no clipping)")
+        self.automatic_optimization = False
+        self.policy, self.reference, self.tokenizer, self.reward = policy, reference, tokenizer, reward
+        disable_dropout(policy)  # trl's forward passes run the policy in eval mode; the value head keeps its dropout
+        reference.requires_grad_(False).eval()
+        self.critic_kind = critic
+        trunk = _trunk(policy)
+        self.critic_trunk = copy.deepcopy(trunk) if critic == "separate" else None
+        self.value_head = ValueHead(policy.config.hidden_size, value_head_dropout)
+        self.value_head.to(next(policy.parameters()).dtype)
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.risk = risk if risk is not None else Mean()
+        self.ppo_epochs, self.mini_batch_size = ppo_epochs, mini_batch_size
+        self.gamma, self.lam = gamma, lam
+        self.loss_settings = dict(clip_range=clip_range, clip_range_value=clip_range_value, vf_coef=vf_coef,
+                                  ratio_threshold=ratio_threshold)
+        self.max_grad_norm = max_grad_norm
+        self.kl_controller = kl_controller(**(kl or {}))
+        self.kl_input = kl_input
+        self.soft_risk = dict(soft_risk or {})
+        self.statistic, self.keep_ties, self.drop_unkept = statistic, keep_ties, drop_unkept
+        self.sampling = dict(sampling or {"max_new_tokens": 32})
+        self.prompt_format, self.chunk_size, self.seed = prompt_format, chunk_size, seed
+        self.iteration = 0  # iterations done, checkpointed with the controller's beta
+        self.total_iterations: int | None = None
+        self.strict_loading = False
+
+    # --- the frozen reference is neither optimised nor checkpointed, and stays in eval mode ---
+    def state_dict(self, *args, **kwargs):
+        state = super().state_dict(*args, **kwargs)
+        return type(state)((k, v) for k, v in state.items() if not k.startswith("reference."))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.reference.eval()
+        return self
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["rl"] = {"iteration": self.iteration, "kl_controller": self.kl_controller.state_dict()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.iteration = checkpoint["rl"]["iteration"]
+        self.kl_controller.load_state_dict(checkpoint["rl"]["kl_controller"])
+
+    # --- sizes ---
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank() if self.world_size > 1 else 0
+
+    @property
+    def iterations(self) -> int:
+        """M: the iterations of the run, from the data loader and the epochs (never hard-coded); a module used
+        without a trainer is given it (`total_iterations`)."""
+        if self.total_iterations is not None:
+            return self.total_iterations
+        return max(1, int(self.trainer.estimated_stepping_batches))
+
+    def steps_per_iteration(self, batch_size: int) -> int:
+        mini = self.mini_batch_size or batch_size
+        return self.ppo_epochs * math.ceil(batch_size / mini)
+
+    def configure_optimizers(self):
+        params = [p for p in self.policy.parameters() if p.requires_grad] + list(self.value_head.parameters())
+        if self.critic_trunk is not None:
+            params += list(self.critic_trunk.parameters())
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        batch = self.trainer.datamodule.batch_size
+        total = self.iterations * self.steps_per_iteration(batch)
+        return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer, total_steps=total)}
+
+    # --- data parallel helpers: identities on one process ---
+    def all_reduce(self, x: Tensor) -> Tensor:
+        if self.world_size == 1:
+            return x
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    def gather_rows(self, x: Tensor) -> Tensor:
+        """(B_local, ...) -> (B_global, ...) in rank order (every rank holds the same number of rows)."""
+        if self.world_size == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.world_size)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    def local_rows(self, x: Tensor) -> Tensor:
+        b = x.shape[0] // self.world_size
+        return x[self.rank * b : (self.rank + 1) * b]
+
+    # --- the critic ---
+    def values(self, input_ids: Tensor, attention_mask: Tensor, hidden: Tensor | None = None) -> Tensor:
+        """(B, L) V at every position, from the policy's hidden states (`shared`) or the critic's own trunk."""
+        if self.critic_trunk is not None or hidden is None:
+            trunk = self.critic_trunk if self.critic_trunk is not None else _trunk(self.policy)
+            hidden = trunk(input_ids=input_ids, attention_mask=attention_mask,
+                           position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
+        return self.value_head(hidden).float()
+
+    def _rollout_values(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        was = self.value_head.training
+        self.value_head.eval()
+        try:
+            return self.values(input_ids, attention_mask)
+        finally:
+            self.value_head.train(was)
+
+    # --- one iteration ---
+    def rollout(self, prompts: list) -> Rollout:
+        rank = self.rank
+        return rollout(self.policy, self.reference, self.tokenizer, prompts, value_fn=self._rollout_values,
+                       seed=self.seed * 1_000_003 + rank * 7919 + self.iteration, prompt_format=self.prompt_format,
+                       chunk_size=self.chunk_size, **self.sampling)
+
+    def training_step(self, prompts: list, batch_idx: int) -> None:
+        ro = self.rollout(prompts)
+        scores = self.reward(prompts, ro.texts).to(ro.policy_logps)
+        metrics = self.ppo_step(ro, scores)
+        self.log_dict({f"train/{k}": v for k, v in metrics.items()}, batch_size=len(prompts), rank_zero_only=True)
+        if self.rank == 0:
+            log.info("iteration %d/%d  score=%.4f  kl=%.4f  kl_coef=%.4f  kept=%d  policy_loss=%.4f  value_loss=%.4f",
+                     self.iteration, self.iterations, metrics["score_mean"], metrics["kl"], metrics["kl_coef"],
+                     metrics["kept"], metrics["policy_loss"], metrics["value_loss"])
+
+    def ppo_step(self, ro: Rollout, scores: Tensor) -> dict[str, float]:
+        """One iteration on a rollout: its targets and tail, `ppo_epochs` passes of updates, the KL controller."""
+        targets = self.targets(ro, scores)
+        update = self.update(targets.batch, targets.minibatch_rows)
+        new_beta = self.kl_controller.update(choose_kl_input(self.kl_input, targets.kl_inputs),
+                                             ro.response_mask.shape[0] * self.world_size)
+        self.iteration += 1
+        metrics = targets.metrics | {"kl_coef_next": new_beta} | update
+        return {k: float(v) for k, v in metrics.items()}
+
+    def targets(self, ro: Rollout, scores: Tensor) -> Targets:
+        """Shaped rewards, GAE, the tail over the global batch, advantages whitened over its kept tokens, the KL
+        controller's inputs, and the minibatch tensors (the dropped rows removed where that changes nothing)."""
+        mask = ro.response_mask
+        beta = self.kl_controller.value
+        rewards = shaped_rewards(ro.policy_logps, ro.ref_logps, scores, mask, beta)
+        advantages, returns = gae(rewards, ro.values, mask, self.gamma, self.lam)
+        statistic = ranking_statistic(self.statistic, scores, mask, rewards, returns)
+        everyone = self.gather_rows(statistic)
+        weighting = weigh_episodes(self.risk, everyone, self.iteration, self.iterations, keep_ties=self.keep_ties,
+                                   **self.soft_risk)
+        kept = self.local_rows(weighting.kept)
+        weights = None if weighting.weights is None else self.local_rows(weighting.weights)
+        kept_mask = kept_token_mask(mask, kept)
+        advantages = masked_whiten(advantages, kept_mask, all_reduce=self.all_reduce)
+        kl_inputs = kl_statistics(self.gather_rows(row_kl(ro.policy_logps, ro.ref_logps, mask)), weighting.kept)
+        batch = {"input_ids": ro.input_ids, "attention_mask": ro.attention_mask, "mask": kept_mask,
+                 "old_logp": ro.policy_logps, "old_values": ro.values, "advantages": advantages, "returns": returns,
+                 **({"weights": weights} if weights is not None else {})}
+        local_b = mask.shape[0]
+        mini = (self.mini_batch_size or local_b * self.world_size) // self.world_size
+        if mini < 1:
+            raise ValueError(f"algo.mini_batch_size={self.mini_batch_size} is smaller than the {self.world_size} "
+                             "processes: accepted are multiples of the number of processes")
+        if self.drop_unkept and mini >= local_b and bool(kept.any()) and not bool(kept.all()):
+            # one minibatch of the whole batch: the dropped rows only ever add zeros, so take them out
+            batch = {k: v[kept] for k, v in batch.items()}
+        metrics = {
+            "score_mean": self.gather_rows(scores).mean(),
+            "shaped_return_mean": self.gather_rows(rewards.sum(-1)).mean(),
+            "kl": kl_inputs["all"],
+            "kl_reference": kl_inputs["reference"],
+            "kl_kept_mean": kl_inputs["kept_mean"],
+            "kl_coef": beta,
+            "kept": weighting.kept.sum(),
+            "kept_fraction": weighting.level,
+            "tail_statistic_mean": everyone[weighting.kept].mean(),
+            "response_length": self.gather_rows(mask.sum(-1).float()).mean(),
+            "iteration": self.iteration,
+            **({"tail_threshold": weighting.threshold} if weighting.threshold is not None else {}),
+        }
+        return Targets(batch=batch, minibatch_rows=mini, kept=weighting.kept, kl_inputs=kl_inputs, metrics=metrics)
+
+    def forward_minibatch(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """(logp, values, entropy), each (b, T), of the minibatch's response tokens under the current weights."""
+        ids, attention = batch["input_ids"], batch["attention_mask"]
+        width = ids.shape[1] - batch["mask"].shape[1]
+        inputs = {"input_ids": ids, "attention_mask": attention, "position_ids": position_ids(attention)}
+        hidden, head = hidden_and_head(self.policy, inputs)
+        stats = token_stats(hidden, response_labels(ids, batch["mask"]), policy_head=head, entropy=True,
+                            chunk_size=self.chunk_size)
+        values = self.values(ids, attention, hidden if self.critic_trunk is None else None)
+        return stats.policy_logps[:, width:], values[:, width - 1 : -1], stats.entropy[:, width:]
+
+    def update(self, batch: dict[str, Tensor], mini: int) -> dict[str, Tensor]:
+        """`ppo_epochs` passes over shuffled minibatches of `mini` local rows; the statistics averaged over them."""
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        rows = batch["input_ids"].shape[0]
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.iteration)
+        collected: dict[str, list[Tensor]] = {}
+        skipped = 0
+        params = [p for group in optimizer.optimizer.param_groups for p in group["params"]]
+        for _ in range(self.ppo_epochs):
+            order = torch.randperm(rows, generator=generator).to(batch["input_ids"].device)
+            for start in range(0, rows, mini):
+                part = {k: v[order[start : start + mini]] for k, v in batch.items()}
+                logp, values, entropy = self.forward_minibatch(part)
+                out = ppo_loss(logp, part["old_logp"], part["advantages"], values, part["old_values"],
+                               part["returns"], part["mask"], weights=part.get("weights"), **self.loss_settings)
+                # the loss is the mean over the global minibatch's tokens: scale by this rank's share
+                n_local = out.stats["n_tokens"]
+                n_global = self.all_reduce(n_local)
+                share = n_local * self.world_size / n_global.clamp(min=1)
+                mean_ratio = self.all_reduce(out.stats["mean_ratio"].nan_to_num() * n_local) / n_global.clamp(min=1)
+                skip = bool(n_global == 0) or bool(mean_ratio > self.loss_settings["ratio_threshold"])
+                optimizer.zero_grad()
+                if not skip:
+                    self.manual_backward(out.loss * share)
+                    self.average_gradients(params)
+                    if self.max_grad_norm is not None:
+                        self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm,
+                                            gradient_clip_algorithm="norm")
+                    optimizer.step()
+                    if scheduler is not None:
+                        scheduler.step()
+                else:
+                    skipped += 1
+                stats = {**out.stats, "entropy": masked_mean(entropy.detach(), part["mask"])}
+                for k, v in stats.items():
+                    collected.setdefault(k, []).append(v.detach().float())
+        summary = {k: torch.stack(v).nanmean() for k, v in collected.items()}
+        summary["skipped_minibatches"] = torch.tensor(float(skipped))
+        return summary
+
+    def average_gradients(self, params: list[nn.Parameter]) -> None:
+        """Gradients averaged over the ranks (plain all-reduce: DDP's own reducer is switched off, since one
+        training step makes several backward passes)."""
+        if self.world_size == 1:
+            return
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+            p.grad /= self.world_size
+
+    def on_fit_start(self) -> None:
+        wrapped = self.trainer.strategy.model
+        if hasattr(wrapped, "require_backward_grad_sync"):
+            wrapped.require_backward_grad_sync = False  # gradients are averaged by `average_gradients`
