@@ -19,6 +19,21 @@ def tiny():
     return tiny_llama()
 
 
+@pytest.fixture(scope="module")
+def other(tiny):
+    """The tiny model perturbed, so that its KL to the tiny model is not trivially zero."""
+    import copy
+
+    import torch
+
+    model = copy.deepcopy(tiny[0])
+    with torch.no_grad():
+        torch.manual_seed(0)
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
 @pytest.fixture
 def smoke_cfg(tmp_path):
     """Factory: the smoke experiment with extra overrides, writing into tmp_path."""

@@ -30,3 +30,10 @@ OPENINGS = [
     "This film is one of the",
     "Honestly, the acting",
 ]
+
+
+def length_reward(prompts, completions):
+    """A reward scorer for tests: the completion's length in characters."""
+    import torch
+
+    return torch.tensor([float(len(c)) for c in completions])

@@ -4,6 +4,7 @@ from statistics import NormalDist
 
 import pytest
 import torch
+from helpers import length_reward
 from hydra.utils import instantiate
 
 from riskexp.data.build import build_pairs
@@ -27,23 +28,8 @@ PROMPTS = ["The movie was", "I think that", "A long, long opening line about a f
 GEN = {"max_new_tokens": 6, "batch_size": 4}
 
 
-def length_reward(prompts, completions):
-    return torch.tensor([float(len(c)) for c in completions])
-
-
 def e_cost(prompts, completions):
     return torch.tensor([c.count("e") / max(len(c), 1) for c in completions])
-
-
-@pytest.fixture(scope="module")
-def other(tiny):
-    # a perturbed copy, so that the KL to the reference is not trivially zero
-    model = copy.deepcopy(tiny[0])
-    with torch.no_grad():
-        torch.manual_seed(0)
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model
 
 
 def test_distinct_n():

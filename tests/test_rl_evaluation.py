@@ -8,6 +8,7 @@ import logging
 import pandas as pd
 import pytest
 import torch
+from helpers import length_reward
 from hydra.utils import instantiate
 
 from riskexp import report
@@ -28,22 +29,8 @@ PROMPTS = ["The movie was", "I think that", "A long, long opening line about a f
 GEN = {"max_new_tokens": 6, "batch_size": 4}
 
 
-def length_reward(prompts, completions):
-    return torch.tensor([float(len(c)) for c in completions])
-
-
 def prompt_length(prompts, completions):  # a prompt scorer: short prompts are the "bad" ones
     return torch.tensor([float(len(p)) for p in prompts])
-
-
-@pytest.fixture(scope="module")
-def other(tiny):
-    model = copy.deepcopy(tiny[0])
-    with torch.no_grad():
-        torch.manual_seed(0)
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model
 
 
 def test_quantile_curve_on_a_hand_computed_toy():
