@@ -27,14 +27,13 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import lightning as L
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from riskexp.logps import token_stats
 from riskexp.models import hidden_and_head, trunk_and_head
-from riskexp.modules import disable_dropout
+from riskexp.modules import PolicyModule
 from riskexp.risk import Mean, RiskMeasure
 from riskexp.rl.gae import gae, masked_mean, masked_whiten, shaped_rewards
 from riskexp.rl.kl_control import kl_controller
@@ -86,8 +85,10 @@ class Targets:
     metrics: dict  # what the iteration logs about its rollout
 
 
-class PPOModule(L.LightningModule):
-    """PPO with a value head on the policy's trunk (`critic=shared`, trl's) or on a copy of it (`separate`)."""
+class PPOModule(PolicyModule):
+    """PPO with a value head on the policy's trunk (`critic=shared`, trl's) or on a copy of it (`separate`).
+    The frozen reference is handled as in every family (`PolicyModule`): never optimised or checkpointed, always
+    in eval mode; dropout is off in the policy (trl's forward passes run it in eval mode), on in the value head."""
 
     def __init__(
         self,
@@ -121,7 +122,6 @@ class PPOModule(L.LightningModule):
         chunk_size: int = 64,
         seed: int = 0,
     ):
-        super().__init__()
         if critic not in CRITICS:
             raise ValueError(f"algo.critic={critic!r} is unknown; accepted: {', '.join(CRITICS)}")
         if kl_input not in KL_INPUTS:
@@ -130,16 +130,13 @@ class PPOModule(L.LightningModule):
             raise ValueError(f"algo.ppo_epochs={ppo_epochs!r}: accepted are integers >= 1")
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"algo.max_grad_norm={max_grad_norm!r}: accepted are values > 0, or null (no clipping)")
+        super().__init__(policy, reference, optimizer, scheduler)
         self.automatic_optimization = False
-        self.policy, self.reference, self.tokenizer, self.reward = policy, reference, tokenizer, reward
-        disable_dropout(policy)  # trl's forward passes run the policy in eval mode; the value head keeps its dropout
-        reference.requires_grad_(False).eval()
-        self.critic_kind = critic
+        self.tokenizer, self.reward = tokenizer, reward
         trunk = _trunk(policy)
         self.critic_trunk = copy.deepcopy(trunk) if critic == "separate" else None
         self.value_head = ValueHead(policy.config.hidden_size, value_head_dropout)
         self.value_head.to(next(policy.parameters()).dtype)
-        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.risk = risk if risk is not None else Mean()
         self.ppo_epochs, self.mini_batch_size = ppo_epochs, mini_batch_size
         self.gamma, self.lam = gamma, lam
@@ -154,22 +151,12 @@ class PPOModule(L.LightningModule):
         self.prompt_format, self.chunk_size, self.seed = prompt_format, chunk_size, seed
         self.iteration = 0  # iterations done, checkpointed with the controller's beta
         self.total_iterations: int | None = None
-        self.strict_loading = False
-
-    # --- the frozen reference is neither optimised nor checkpointed, and stays in eval mode ---
-    def state_dict(self, *args, **kwargs):
-        state = super().state_dict(*args, **kwargs)
-        return type(state)((k, v) for k, v in state.items() if not k.startswith("reference."))
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.reference.eval()
-        return self
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rl"] = {"iteration": self.iteration, "kl_controller": self.kl_controller.state_dict()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         self.iteration = checkpoint["rl"]["iteration"]
         self.kl_controller.load_state_dict(checkpoint["rl"]["kl_controller"])
 

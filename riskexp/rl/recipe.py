@@ -87,7 +87,6 @@ def train_rl(cfg: DictConfig, out: Path, resume_from: Path | None) -> dict:
         "kl_input": cfg.algo.kl_input,
         "critic": cfg.algo.critic,
         "episodes_per_iteration": cfg.data.rl.batch_size,
-        "wall_time_s": None,
         "output_dir": str(out),
         **train_metrics,
     }
