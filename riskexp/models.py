@@ -192,6 +192,15 @@ def trunk_and_head(model: nn.Module):
     return trunk, head
 
 
+def trunk_of(model: nn.Module, needed_by: str) -> nn.Module:
+    """The trunk of a causal LM (its final hidden states), for heads of its own: a value head, a score head."""
+    split = trunk_and_head(model)
+    if split is None:
+        raise ValueError(f"{type(model).__name__} has no plain trunk/head split (soft-capped logits): {needed_by} "
+                         "needs the trunk's hidden states")
+    return split[0]
+
+
 def hidden_and_head(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Callable | None]:
     """Final hidden states (N, L, H) and the output head, so logits can be made chunk by chunk; or full
     logits (N, L, V) and None for models whose head is not a plain projection."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -91,6 +92,13 @@ class PolicyModule(L.LightningModule):
         if self.reference is not None:
             self.reference.eval()
         return self
+
+    def export(self, out: Path, tokenizer) -> Path:
+        """`out/policy`: the trained policy and its tokenizer, the next run's `model.path`."""
+        directory = out / "policy"
+        self.policy.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+        return directory
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory([p for p in self.policy.parameters() if p.requires_grad])

@@ -230,6 +230,7 @@ class PPOConfig(AlgoConfig):
     """PPO-RLHF and RA-RLHF (riskexp.rl): the RL family's knobs; sizes of the batch and generations: data.rl."""
 
     critic: str = "shared"  # shared | separate
+    critic_init: Optional[str] = None  # a score model's directory: the critic starts as its trunk and head
     value_head_dropout: float = 0.1
     ppo_epochs: int = 4
     mini_batch_size: Optional[int] = None  # null: the whole batch
@@ -246,8 +247,35 @@ class PPOConfig(AlgoConfig):
     statistic: str = "mc_shaped"  # mc_shaped | lambda_return_first_token | env_score
     keep_ties: bool = False
     drop_unkept: bool = True
+    whiten_advantages: bool = True
     rollout: SamplingConfig = field(default_factory=SamplingConfig)  # lengths: data.rl
     data_module: Any = MISSING
+    recipe: Any = MISSING
+
+
+@dataclass
+class PPOLagConfig(PPOConfig):
+    """Safe RLHF's PPO-Lagrangian (riskexp.rl.ppo_lag): PPO with a cost critic and a Lagrange multiplier."""
+
+    threshold: float = 0.0  # d: the constraint is rho(episode cost) <= d
+    lambda_init: float = 1.0
+    lambda_lr: float = 0.1
+    lambda_max: Optional[float] = 5.0
+    lambda_update_delay_steps: int = 0
+    episode_cost_window_size: int = 128
+    kl_split: str = "both"  # both (the vendored safe-rlhf code) | half (the paper, safe-rlhf PR #173)
+    clip_range_score: float = 50.0
+    cost_critic_init: Optional[str] = None  # a cost model's directory: the cost critic starts as it
+
+
+@dataclass
+class ScoreModelConfig(AlgoConfig):
+    """Reward and cost models (riskexp.reward_models): a trunk with a score head trained on pairs."""
+
+    score_type: str = "reward"  # reward | cost
+    pairs: Optional[str] = None  # data.source.pairs to train on (PKU-SafeRLHF schema); null: the data's own
+    bias: bool = False  # a bias in the score head (safe-rlhf's --bias)
+    reg: float = 0.0  # reg * mean(score^2) (safe-rlhf's --regularization)
     recipe: Any = MISSING
 
 
@@ -263,6 +291,8 @@ def register_schemas() -> None:
         cs.store(name=f"algo_{name}_schema", node=node)
     cs.store(name="algo_kto_schema", node=KTOConfig)
     cs.store(name="algo_ppo_schema", node=PPOConfig)
+    cs.store(name="algo_score_model_schema", node=ScoreModelConfig)
+    cs.store(name="algo_ppo_lag_schema", node=PPOLagConfig)
 
 
 # --- resolvers used in conf/ -----------------------------------------------------------------------------

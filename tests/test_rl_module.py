@@ -15,7 +15,6 @@ from helpers import OPENINGS
 from riskexp.models import tiny_llama
 from riskexp.risk import CVaR, Entropic, Mean
 from riskexp.rl.module import PPOModule
-from riskexp.rl.ppo import ppo_loss
 from riskexp.rl.soft_risk import soft_risk_count
 
 PROMPTS = [*OPENINGS, "What a", "The plot", "I never", "Every scene"][:8]
@@ -72,9 +71,7 @@ def test_mean_keeps_every_episode_and_entropic_weights_the_low_returns_more():
 
 def _loss_and_grads(module, batch):
     module.zero_grad(set_to_none=True)
-    logp, values, _ = module.forward_minibatch(batch)
-    out = ppo_loss(logp, batch["old_logp"], batch["advantages"], values, batch["old_values"], batch["returns"],
-                   batch["mask"], **module.loss_settings)
+    out = module.minibatch_loss(batch)
     out.loss.backward()
     grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
     return out.loss.detach(), grads

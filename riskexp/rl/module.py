@@ -32,12 +32,12 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from riskexp.logps import token_stats
-from riskexp.models import hidden_and_head, trunk_and_head
+from riskexp.models import hidden_and_head, trunk_of
 from riskexp.modules import PolicyModule
 from riskexp.risk import Mean, RiskMeasure
 from riskexp.rl.gae import gae, masked_mean, masked_whiten, shaped_rewards
 from riskexp.rl.kl_control import kl_controller
-from riskexp.rl.ppo import ppo_loss
+from riskexp.rl.ppo import PPOOutput, ppo_loss
 from riskexp.rl.rollout import Rollout, position_ids, response_labels, rollout
 from riskexp.rl.tail import (
     KL_INPUTS,
@@ -66,12 +66,25 @@ class ValueHead(nn.Module):
         return self.summary(self.dropout(hidden.to(self.summary.weight.dtype))).squeeze(-1)
 
 
-def _trunk(model: nn.Module) -> nn.Module:
-    split = trunk_and_head(model)
-    if split is None:
-        raise ValueError(f"{type(model).__name__} has no plain trunk/head split (soft-capped logits): a value head "
-                         "needs the trunk's hidden states")
-    return split[0]
+def critic_from_score_model(path: str, dropout: float, policy: nn.Module, tokenizer) -> tuple[nn.Module, ValueHead]:
+    """(trunk, value head) of a critic started from a safe-rlhf-layout score model (`riskexp.scorers`), trainable,
+    in the policy's dtype and on its device; its scores are read unnormalised (safe-rlhf's critics are
+    loaded with do_normalize off). The score model must share the policy's tokenizer: it reads its ids."""
+    from riskexp.scorers import load_score_model
+
+    param = next(policy.parameters())
+    model, own_tokenizer = load_score_model(path, dtype=str(param.dtype).removeprefix("torch."), device=param.device)
+    if own_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(f"the critic's score model {path} has another vocabulary than the policy: a critic reads the "
+                         "policy's token ids, so it must share its tokenizer")
+    head = ValueHead(model.config.hidden_size, dropout).to(device=param.device, dtype=param.dtype)
+    with torch.no_grad():
+        head.summary.weight.copy_(model.head.weight)
+        if model.head.bias is not None:
+            head.summary.bias.copy_(model.head.bias)
+        else:
+            head.summary.bias.zero_()
+    return model.trunk.requires_grad_(True).train(), head
 
 
 @dataclass
@@ -101,6 +114,7 @@ class PPOModule(PolicyModule):
         risk: RiskMeasure | None = None,
         *,
         critic: str = "shared",
+        critic_init: str | None = None,
         value_head_dropout: float = 0.1,
         ppo_epochs: int = 4,
         mini_batch_size: int | None = None,
@@ -117,6 +131,7 @@ class PPOModule(PolicyModule):
         statistic: str = "mc_shaped",
         keep_ties: bool = False,
         drop_unkept: bool = True,
+        whiten_advantages: bool = True,
         sampling: dict | None = None,
         prompt_format: str = "plain",
         chunk_size: int = 64,
@@ -133,10 +148,14 @@ class PPOModule(PolicyModule):
         super().__init__(policy, reference, optimizer, scheduler)
         self.automatic_optimization = False
         self.tokenizer, self.reward = tokenizer, reward
-        trunk = _trunk(policy)
-        self.critic_trunk = copy.deepcopy(trunk) if critic == "separate" else None
-        self.value_head = ValueHead(policy.config.hidden_size, value_head_dropout)
-        self.value_head.to(next(policy.parameters()).dtype)
+        if critic_init is not None:  # the critic is a score model's trunk and head, e.g. a trained reward model
+            self.critic_trunk, self.value_head = critic_from_score_model(critic_init, value_head_dropout, policy,
+                                                                          tokenizer)
+        else:
+            trunk = trunk_of(policy, "a value head")
+            self.critic_trunk = copy.deepcopy(trunk) if critic == "separate" else None
+            self.value_head = ValueHead(policy.config.hidden_size, value_head_dropout)
+            self.value_head.to(next(policy.parameters()).dtype)
         self.risk = risk if risk is not None else Mean()
         self.ppo_epochs, self.mini_batch_size = ppo_epochs, mini_batch_size
         self.gamma, self.lam = gamma, lam
@@ -147,10 +166,16 @@ class PPOModule(PolicyModule):
         self.kl_input = kl_input
         self.soft_risk = dict(soft_risk or {})
         self.statistic, self.keep_ties, self.drop_unkept = statistic, keep_ties, drop_unkept
+        self.whiten_advantages = whiten_advantages  # trl's; safe-rlhf's PPO-Lagrangian does not
         self.sampling = dict(sampling or {"max_new_tokens": 32})
         self.prompt_format, self.chunk_size, self.seed = prompt_format, chunk_size, seed
         self.iteration = 0  # iterations done, checkpointed with the controller's beta
         self.total_iterations: int | None = None
+        self.rank_weight_spread: float | None = None  # set at the end of a data-parallel fit
+
+    def run_record(self) -> dict:
+        """The settings results.json records for this kind of run."""
+        return {"kl_input": self.kl_input, "whiten_advantages": self.whiten_advantages}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rl"] = {"iteration": self.iteration, "kl_controller": self.kl_controller.state_dict()}
@@ -182,10 +207,8 @@ class PPOModule(PolicyModule):
         return self.ppo_epochs * math.ceil(batch_size / mini)
 
     def configure_optimizers(self):
-        params = [p for p in self.policy.parameters() if p.requires_grad] + list(self.value_head.parameters())
-        if self.critic_trunk is not None:
-            params += list(self.critic_trunk.parameters())
-        optimizer = self.optimizer_factory(params)
+        # the policy and every critic (the frozen reference has no trainable parameter)
+        optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
         if self.scheduler_factory is None:
             return optimizer
         batch = self.trainer.datamodule.batch_size
@@ -213,42 +236,59 @@ class PPOModule(PolicyModule):
         return x[self.rank * b : (self.rank + 1) * b]
 
     # --- the critic ---
-    def values(self, input_ids: Tensor, attention_mask: Tensor, hidden: Tensor | None = None) -> Tensor:
-        """(B, L) V at every position, from the policy's hidden states (`shared`) or the critic's own trunk."""
-        if self.critic_trunk is not None or hidden is None:
-            trunk = self.critic_trunk if self.critic_trunk is not None else _trunk(self.policy)
+    def critic_values(self, trunk: nn.Module | None, head: ValueHead, input_ids: Tensor, attention_mask: Tensor,
+                      hidden: Tensor | None = None) -> Tensor:
+        """(B, L) a critic's V at every position: `head` on the policy's hidden states (`trunk` None: the shared
+        trunk; computed here when `hidden` is not given) or on the critic's own trunk."""
+        if trunk is not None or hidden is None:
+            trunk = trunk if trunk is not None else trunk_of(self.policy, "a value head")
             hidden = trunk(input_ids=input_ids, attention_mask=attention_mask,
                            position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
-        return self.value_head(hidden).float()
+        return head(hidden).float()
 
-    def _rollout_values(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        was = self.value_head.training
-        self.value_head.eval()
-        try:
-            return self.values(input_ids, attention_mask)
-        finally:
-            self.value_head.train(was)
+    def values(self, input_ids: Tensor, attention_mask: Tensor, hidden: Tensor | None = None) -> Tensor:
+        """(B, L) the reward critic's V at every position."""
+        return self.critic_values(self.critic_trunk, self.value_head, input_ids, attention_mask, hidden)
+
+    @staticmethod
+    def rollout_critic(values: Callable[[Tensor, Tensor], Tensor], head: ValueHead) -> Callable[[Tensor, Tensor], Tensor]:
+        """`values` as the rollout's value function: the head's dropout off while the rollout's values are taken."""
+
+        def value_fn(input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+            was = head.training
+            head.eval()
+            try:
+                return values(input_ids, attention_mask)
+            finally:
+                head.train(was)
+
+        return value_fn
 
     # --- one iteration ---
     def rollout(self, prompts: list) -> Rollout:
         rank = self.rank
-        return rollout(self.policy, self.reference, self.tokenizer, prompts, value_fn=self._rollout_values,
+        return rollout(self.policy, self.reference, self.tokenizer, prompts,
+                       value_fn=self.rollout_critic(self.values, self.value_head),
                        seed=self.seed * 1_000_003 + rank * 7919 + self.iteration, prompt_format=self.prompt_format,
                        chunk_size=self.chunk_size, **self.sampling)
 
+    def score_episodes(self, prompts: list, ro: Rollout) -> tuple[Tensor, dict[str, Tensor]]:
+        """(B,) the task's scores of the episodes, and what else `targets` needs of them (PPO: nothing)."""
+        return self.reward(prompts, ro.texts).to(ro.policy_logps), {}
+
     def training_step(self, prompts: list, batch_idx: int) -> None:
         ro = self.rollout(prompts)
-        scores = self.reward(prompts, ro.texts).to(ro.policy_logps)
-        metrics = self.ppo_step(ro, scores)
+        scores, extras = self.score_episodes(prompts, ro)
+        metrics = self.ppo_step(ro, scores, **extras)
         self.log_dict({f"train/{k}": v for k, v in metrics.items()}, batch_size=len(prompts), rank_zero_only=True)
         if self.rank == 0:
             log.info("iteration %d/%d  score=%.4f  kl=%.4f  kl_coef=%.4f  kept=%d  policy_loss=%.4f  value_loss=%.4f",
                      self.iteration, self.iterations, metrics["score_mean"], metrics["kl"], metrics["kl_coef"],
                      metrics["kept"], metrics["policy_loss"], metrics["value_loss"])
 
-    def ppo_step(self, ro: Rollout, scores: Tensor) -> dict[str, float]:
+    def ppo_step(self, ro: Rollout, scores: Tensor, **extras: Tensor) -> dict[str, float]:
         """One iteration on a rollout: its targets and tail, `ppo_epochs` passes of updates, the KL controller."""
-        targets = self.targets(ro, scores)
+        targets = self.targets(ro, scores, **extras)
         update = self.update(targets.batch, targets.minibatch_rows)
         new_beta = self.kl_controller.update(choose_kl_input(self.kl_input, targets.kl_inputs),
                                              ro.response_mask.shape[0] * self.world_size)
@@ -256,12 +296,21 @@ class PPOModule(PolicyModule):
         metrics = targets.metrics | {"kl_coef_next": new_beta} | update
         return {k: float(v) for k, v in metrics.items()}
 
-    def targets(self, ro: Rollout, scores: Tensor) -> Targets:
+    def reward_kl_coef(self, beta: float) -> float:
+        """The KL coefficient of the shaped reward (PPO: the controller's beta)."""
+        return beta
+
+    def actor_advantages(self, ro: Rollout, advantages: Tensor, kept_mask: Tensor, **extras: Tensor
+                         ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
+        """The actor's advantages from the reward's (PPO: those), with more minibatch tensors and metrics."""
+        return advantages, {}, {}
+
+    def targets(self, ro: Rollout, scores: Tensor, **extras: Tensor) -> Targets:
         """Shaped rewards, GAE, the tail over the global batch, advantages whitened over its kept tokens, the KL
         controller's inputs, and the minibatch tensors (the dropped rows removed where that changes nothing)."""
         mask = ro.response_mask
         beta = self.kl_controller.value
-        rewards = shaped_rewards(ro.policy_logps, ro.ref_logps, scores, mask, beta)
+        rewards = shaped_rewards(ro.policy_logps, ro.ref_logps, scores, mask, self.reward_kl_coef(beta))
         advantages, returns = gae(rewards, ro.values, mask, self.gamma, self.lam)
         statistic = ranking_statistic(self.statistic, scores, mask, rewards, returns)
         everyone = self.gather_rows(statistic)
@@ -270,11 +319,13 @@ class PPOModule(PolicyModule):
         kept = self.local_rows(weighting.kept)
         weights = None if weighting.weights is None else self.local_rows(weighting.weights)
         kept_mask = kept_token_mask(mask, kept)
-        advantages = masked_whiten(advantages, kept_mask, all_reduce=self.all_reduce)
+        advantages, more_batch, more_metrics = self.actor_advantages(ro, advantages, kept_mask, **extras)
+        if self.whiten_advantages:
+            advantages = masked_whiten(advantages, kept_mask, all_reduce=self.all_reduce)
         kl_inputs = kl_statistics(self.gather_rows(row_kl(ro.policy_logps, ro.ref_logps, mask)), weighting.kept)
         batch = {"input_ids": ro.input_ids, "attention_mask": ro.attention_mask, "mask": kept_mask,
                  "old_logp": ro.policy_logps, "old_values": ro.values, "advantages": advantages, "returns": returns,
-                 **({"weights": weights} if weights is not None else {})}
+                 **({"weights": weights} if weights is not None else {}), **more_batch}
         local_b = mask.shape[0]
         mini = (self.mini_batch_size or local_b * self.world_size) // self.world_size
         if mini < 1:
@@ -296,11 +347,13 @@ class PPOModule(PolicyModule):
             "response_length": self.gather_rows(mask.sum(-1).float()).mean(),
             "iteration": self.iteration,
             **({"tail_threshold": weighting.threshold} if weighting.threshold is not None else {}),
+            **more_metrics,
         }
         return Targets(batch=batch, minibatch_rows=mini, kept=weighting.kept, kl_inputs=kl_inputs, metrics=metrics)
 
-    def forward_minibatch(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        """(logp, values, entropy), each (b, T), of the minibatch's response tokens under the current weights."""
+    def forward_minibatch(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(logp, values, entropy), each (b, T), of the minibatch's response tokens under the current weights,
+        and the policy's (b, L, H) final hidden states (for more heads on the shared trunk)."""
         ids, attention = batch["input_ids"], batch["attention_mask"]
         width = ids.shape[1] - batch["mask"].shape[1]
         inputs = {"input_ids": ids, "attention_mask": attention, "position_ids": position_ids(attention)}
@@ -308,7 +361,19 @@ class PPOModule(PolicyModule):
         stats = token_stats(hidden, response_labels(ids, batch["mask"]), policy_head=head, entropy=True,
                             chunk_size=self.chunk_size)
         values = self.values(ids, attention, hidden if self.critic_trunk is None else None)
-        return stats.policy_logps[:, width:], values[:, width - 1 : -1], stats.entropy[:, width:]
+        return stats.policy_logps[:, width:], values[:, width - 1 : -1], stats.entropy[:, width:], hidden
+
+    def minibatch_loss(self, part: dict[str, Tensor]) -> PPOOutput:
+        """The clipped policy and value losses of one minibatch under the current weights, with its entropy."""
+        logp, values, entropy, hidden = self.forward_minibatch(part)
+        out = ppo_loss(logp, part["old_logp"], part["advantages"], values, part["old_values"], part["returns"],
+                       part["mask"], weights=part.get("weights"), **self.loss_settings)
+        out.stats["entropy"] = masked_mean(entropy.detach(), part["mask"])
+        return self.add_critic_losses(out, part, hidden)
+
+    def add_critic_losses(self, out: PPOOutput, part: dict[str, Tensor], hidden: Tensor) -> PPOOutput:
+        """More critics' losses on the minibatch, `hidden` the policy's hidden states (PPO: none)."""
+        return out
 
     def update(self, batch: dict[str, Tensor], mini: int) -> dict[str, Tensor]:
         """`ppo_epochs` passes over shuffled minibatches of `mini` local rows; the statistics averaged over them."""
@@ -322,9 +387,7 @@ class PPOModule(PolicyModule):
             order = torch.randperm(rows, generator=generator).to(batch["input_ids"].device)
             for start in range(0, rows, mini):
                 part = {k: v[order[start : start + mini]] for k, v in batch.items()}
-                logp, values, entropy = self.forward_minibatch(part)
-                out = ppo_loss(logp, part["old_logp"], part["advantages"], values, part["old_values"],
-                               part["returns"], part["mask"], weights=part.get("weights"), **self.loss_settings)
+                out = self.minibatch_loss(part)
                 # the loss is the mean over the global minibatch's tokens: scale by this rank's share
                 n_local = out.stats["n_tokens"]
                 n_global = self.all_reduce(n_local)
@@ -343,8 +406,7 @@ class PPOModule(PolicyModule):
                         scheduler.step()
                 else:
                     skipped += 1
-                stats = {**out.stats, "entropy": masked_mean(entropy.detach(), part["mask"])}
-                for k, v in stats.items():
+                for k, v in out.stats.items():
                     collected.setdefault(k, []).append(v.detach().float())
         summary = {k: torch.stack(v).nanmean() for k, v in collected.items()}
         summary["skipped_minibatches"] = torch.tensor(float(skipped))
@@ -358,10 +420,29 @@ class PPOModule(PolicyModule):
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
-            p.grad /= self.world_size
+        grads = [p.grad for p in params]
+        flat = torch._utils._flatten_dense_tensors(grads)  # one collective, not one per parameter
+        dist.all_reduce(flat)
+        flat /= self.world_size
+        for grad, averaged in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
+            grad.copy_(averaged)
 
     def on_fit_start(self) -> None:
         wrapped = self.trainer.strategy.model
         if hasattr(wrapped, "require_backward_grad_sync"):
             wrapped.require_backward_grad_sync = False  # gradients are averaged by `average_gradients`
+
+    def on_train_end(self) -> None:
+        """Under data parallelism, how far the ranks' weights drifted apart: the largest spread over the ranks of
+        a trainable tensor's sum (relative, for sums above 1). 0 up to float error when every update was
+        averaged; a warning otherwise."""
+        if self.world_size == 1:
+            return
+        sums = torch.stack([p.detach().double().sum() for p in self.parameters() if p.requires_grad])
+        high, low = sums.clone(), sums.clone()
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        self.rank_weight_spread = float(((high - low) / high.abs().clamp(min=1)).max())
+        if self.rank_weight_spread > 1e-4:
+            log.warning("the ranks' weights differ after training (relative spread %.2e): their updates were not "
+                        "all averaged", self.rank_weight_spread)

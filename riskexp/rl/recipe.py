@@ -84,9 +84,11 @@ def train_rl(cfg: DictConfig, out: Path, resume_from: Path | None) -> dict:
         "status": "finished",
         **provenance(cfg),
         "inert": inert,
-        "kl_input": cfg.algo.kl_input,
+        **module.run_record(),
         "critic": cfg.algo.critic,
         "episodes_per_iteration": cfg.data.rl.batch_size,
+        "world_size": trainer.world_size,
+        **({"rank_weight_spread": module.rank_weight_spread} if module.rank_weight_spread is not None else {}),
         "output_dir": str(out),
         **train_metrics,
     }
@@ -96,8 +98,7 @@ def train_rl(cfg: DictConfig, out: Path, resume_from: Path | None) -> dict:
         results |= metrics
         record_evaluation(out, logger, metrics, rows, cfg.eval.samples_logged)
     if saves_policy(cfg) and trainer.is_global_zero:
-        policy.save_pretrained(out / "policy")
-        tokenizer.save_pretrained(out / "policy")
+        module.export(out, tokenizer)
     results["wall_time_s"] = round(time.time() - started, 2)
     if trainer.is_global_zero:
         write_results(out, results)
