@@ -157,7 +157,8 @@ def record_evaluation(out: Path, logger, metrics: dict, rows: list[dict], n_rows
     from riskexp.evaluation import QUANTILE_CURVE_CSV, QUANTILE_CURVE_PNG, quantile_curves
     from riskexp.files import write_jsonl
 
-    write_jsonl(rows, out / SAMPLES_FILE)
+    if rows:  # score models are evaluated on held-out pairs, not on samples
+        write_jsonl(rows, out / SAMPLES_FILE)
     curves = quantile_curves(rows)
     if curves:
         import pandas as pd
@@ -238,11 +239,12 @@ def run(cfg: DictConfig) -> dict:
 
 
 def train_preference(cfg: DictConfig, out: Path, resume_from: Path | None, record: DictConfig | None = None,
-                     extra: dict | None = None, evaluation=None) -> dict:
+                     extra: dict | None = None, evaluation=None, need_reference: bool = True) -> dict:
     """The preference family's recipe: build the policy, reference, data and Lightning module from `cfg`, train,
     validate, evaluate on the task and write `out/results.json`. `record` is the config the record describes
     (default `cfg`; a stepwise job records its own, not its step's), `extra` more keys for it, `evaluation` what
-    evaluates the trained policy (default `evaluate_task(cfg, policy, reference, tokenizer)`)."""
+    evaluates the trained model (default `evaluate_task(cfg, policy, reference, tokenizer)`, called with the
+    module's `policy` and `reference`); `need_reference=False` builds no reference (score models)."""
     import lightning as L
 
     from riskexp.console import StepLines, tidy_third_party_output
@@ -265,7 +267,7 @@ def train_preference(cfg: DictConfig, out: Path, resume_from: Path | None, recor
     objective = instantiate(cfg.algo.objective)
     loader = instantiate(cfg.model.loader, _partial_=True)
     policy, reference, tokenizer = build_policy_and_reference(
-        loader, cfg.model.path, cfg.model.ref_path, cfg.model.dtype
+        loader, cfg.model.path, cfg.model.ref_path, cfg.model.dtype, need_reference=need_reference
     )
     datamodule = instantiate(datamodule_config(cfg), tokenizer=tokenizer)
     # SFT has no objective and no use for a risk measure
@@ -315,8 +317,7 @@ def train_preference(cfg: DictConfig, out: Path, resume_from: Path | None, recor
         results |= metrics
         record_evaluation(out, logger, metrics, rows, cfg.eval.samples_logged)
     if saves_policy(cfg) and trainer.is_global_zero:
-        policy.save_pretrained(out / "policy")
-        tokenizer.save_pretrained(out / "policy")
+        module.export(out, tokenizer)
     if trainer.is_global_zero:
         write_results(out, results)
         log.info("results: %s", out / "results.json")

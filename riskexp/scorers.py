@@ -1281,6 +1281,54 @@ def load_score_model(
     return model, load_tokenizer(name_or_path, revision)
 
 
+#: written beside a score model that riskexp trained: how its pairs were tokenised, so a scorer does the same
+SCORE_MODEL_TOKENISATION = "riskexp_tokenisation.json"
+
+
+def save_score_model(model: ScoreModel, directory: str | os.PathLike, tokenizer, score_type: str,
+                     tokenisation: dict | None = None) -> Path:
+    """Write ``model`` in safe-rlhf's score-model layout (what :func:`load_score_model` reads): the trunk's
+    tensors under ``model.*`` and ``score_head.*`` in ``model.safetensors``, the trunk's config plus
+    ``score_dim``, ``bias``, ``score_type`` and ``do_normalize`` (false: scores are used as trained), the
+    tokenizer, and ``tokenisation`` (``prompt_format``, ``max_length``, ...) as :data:`SCORE_MODEL_TOKENISATION`."""
+    from safetensors.torch import save_file
+
+    if score_type not in SCORE_NORMALIZATION:
+        raise ValueError(f"score_type={score_type!r} is unknown; accepted: {', '.join(SCORE_NORMALIZATION)}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v for k, v in model.trunk.state_dict().items()}
+    tensors |= {f"score_head.{k}": v for k, v in model.head.state_dict().items()}
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, directory / "model.safetensors",
+              metadata={"format": "pt"})
+    config = model.trunk.config.to_dict() | {
+        "architectures": [f"{type(model.trunk).__name__.removesuffix('Model')}ForScore"], "score_dim": 1,
+        "bias": model.head.bias is not None, "score_type": score_type, "do_normalize": False}
+    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    tokenizer.save_pretrained(directory)
+    if tokenisation is not None:
+        (directory / SCORE_MODEL_TOKENISATION).write_text(json.dumps(tokenisation, indent=2, sort_keys=True))
+    return directory
+
+
+TOKENISATION_KEYS = ("prompt_format", "max_length", "max_prompt_length", "truncation_mode", "truncation")
+
+
+def _score_model_tokenisation(location: str, given: dict | None) -> dict | None:
+    """The tokenisation a riskexp-trained score model records, updated by ``given``; None for other models."""
+    path = Path(location) / SCORE_MODEL_TOKENISATION
+    recorded = json.loads(path.read_text()) if path.is_file() else {}
+    tokenisation = recorded | dict(given or {})
+    if not tokenisation:
+        return None
+    missing = [k for k in TOKENISATION_KEYS if k not in tokenisation]
+    unknown = sorted(set(tokenisation) - set(TOKENISATION_KEYS))
+    if missing or unknown:
+        raise ValueError(f"the score model's tokenisation {tokenisation} is incomplete or has unknown keys "
+                         f"(missing {missing}, unknown {unknown}): accepted keys are {', '.join(TOKENISATION_KEYS)}")
+    return tokenisation
+
+
 class SafeRLHFScorer(Scorer):
     """A safe-rlhf score model as a reward or a cost, e.g. the beaver-7b-v1.0 reward model (higher = more
     helpful) and cost model (higher = more harmful, unsafe above 0) that Safe RLHF, SACPO and RSA evaluate with.
@@ -1292,6 +1340,12 @@ class SafeRLHFScorer(Scorer):
     ``name_or_path`` is a hub id (downloaded once; needs a network) or a local directory, checked at construction;
     the model loads on the first call, on ``device`` ("auto": the GPU if there is one, else the CPU) in ``dtype``
     (bfloat16 halves a 7B model's memory on a GPU). ``trust_remote_code`` is never enabled.
+
+    A score model riskexp trained (``algo=reward_model`` / ``cost_model``) carries its tokenisation
+    (:data:`SCORE_MODEL_TOKENISATION`): each pair is then tokenised exactly as its training pairs were, the
+    prompt rendered by that ``prompt_format`` (e.g. the chat template), the completion plus EOS, truncated by
+    the same rule (``riskexp.data.preference``), in place of ``template``. ``tokenisation`` given here
+    overrides the file's keys.
     """
 
     name = "safe_rlhf_score"
@@ -1310,6 +1364,7 @@ class SafeRLHFScorer(Scorer):
         device: str = "auto",
         revision: str | None = None,
         name: str | None = None,
+        tokenisation: dict | None = None,
     ) -> None:
         from riskexp.models import DTYPES
 
@@ -1317,6 +1372,7 @@ class SafeRLHFScorer(Scorer):
         self.name_or_path = model_location(
             name_or_path, "SafeRLHFScorer", "not a saved score model",
             "expected a score model's config.json, weights and tokenizer files")
+        self.tokenisation = _score_model_tokenisation(self.name_or_path, tokenisation)
         try:
             fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
         except (ValueError, TypeError):
@@ -1370,13 +1426,31 @@ class SafeRLHFScorer(Scorer):
         eos = tok.eos_token if self.append_eos else ""
         return [self.template.format(prompt=p, completion=c) + eos for p, c in zip(prompts, completions)]
 
+    def encode(self, prompts: list[str], completions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask) of the scored pairs, right-padded."""
+        _, tok = self._load()
+        if self.tokenisation is None:
+            b = tok(self.texts(prompts, completions), padding=True, truncation=True, max_length=self.max_length,
+                    return_tensors="pt")
+            return b["input_ids"], b["attention_mask"]
+        from riskexp.data.preference import completion_row, response_token_ids
+        from riskexp.generation import pad_token_id
+        from riskexp.logps import pad_rows
+        from riskexp.prompts import prompt_token_ids
+
+        t = self.tokenisation
+        rows = [completion_row(prompt_token_ids(tok, p, t["prompt_format"]),
+                               response_token_ids(tok, p, c, t["prompt_format"]), t["max_length"],
+                               t["max_prompt_length"], t["truncation_mode"], t["truncation"])[0]
+                for p, c in zip(prompts, completions)]
+        return pad_rows(rows, pad_token_id(tok))
+
     @torch.no_grad()
     def score_batch(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
-        model, tok = self._load()
-        b = tok(self.texts(prompts, completions), padding=True, truncation=True, max_length=self.max_length,
-                return_tensors="pt")
+        model, _ = self._load()
+        input_ids, attention_mask = self.encode(prompts, completions)
         device = next(model.parameters()).device
-        return model(b["input_ids"].to(device), b["attention_mask"].to(device))
+        return model(input_ids.to(device), attention_mask.to(device))
 
     def __repr__(self) -> str:
         return f"SafeRLHFScorer({self.name_or_path!r}, kind={self.kind!r}, name={self.name!r})"

@@ -306,7 +306,8 @@ def tokenize_pair(
     """Tokenise one preference record the way the DPO reference code (`tokenize_batch_element`) does.
 
     Returns `{"chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels": list[int],
-    "prompt_length": int, "truncated": bool}`; input_ids = prompt + response + [eos] (before truncation), labels = input_ids with
+    "prompt_length": int, "truncated": bool}`, plus `chosen_safe` / `rejected_safe` where the record has those
+    labels; input_ids = prompt + response + [eos] (before truncation), labels = input_ids with
     the prompt positions set to -100. The prompt is rendered by `riskexp.prompts.render_prompt(prompt_format)`.
     If prompt + the longer response exceeds `max_length`, the prompt is cut to `max_prompt_length` tokens
     (`truncation_mode=keep_end`: its last tokens; `keep_start`: its first); if the pair is still too long, both
@@ -332,6 +333,8 @@ def tokenize_pair(
     for name, response in (("chosen", chosen_ids), ("rejected", rejected_ids)):
         out[f"{name}_input_ids"] = prompt_ids + response
         out[f"{name}_labels"] = [IGNORE_INDEX] * n + response
+        if isinstance(record.get(f"{name}_safe"), bool):  # PKU-SafeRLHF labels, read by the cost model
+            out[f"{name}_safe"] = record[f"{name}_safe"]
     return out
 
 
@@ -340,7 +343,8 @@ def collate_pairs(features: list[dict], pad_token_id: int) -> dict[str, torch.Te
 
     Returns input_ids (2B, L) padded with `pad_token_id`, attention_mask (2B, L) from the true lengths (pad may
     equal eos, so it is never derived from the ids), labels (2B, L) padded with -100; ref_logps (2B,) float32 if
-    every feature carries `ref_chosen_logps`/`ref_rejected_logps`; index (B,) int64 if every feature has `index`.
+    every feature carries `ref_chosen_logps`/`ref_rejected_logps`; index (B,) int64 if every feature has `index`;
+    is_safe (2B,) bool if every feature has `chosen_safe`/`rejected_safe` (PKU-SafeRLHF labels).
     """
     if not features:
         raise ValueError("collate_pairs needs at least one feature")
@@ -358,6 +362,8 @@ def collate_pairs(features: list[dict], pad_token_id: int) -> dict[str, torch.Te
         batch["ref_logps"] = torch.tensor(ref, dtype=torch.float32)
     if all("index" in f for f in features):
         batch["index"] = torch.tensor([f["index"] for f in features], dtype=torch.long)
+    if all("chosen_safe" in f and "rejected_safe" in f for f in features):
+        batch["is_safe"] = torch.tensor([f["chosen_safe"] for f in features] + [f["rejected_safe"] for f in features])
     return batch
 
 
