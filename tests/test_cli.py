@@ -176,5 +176,6 @@ def test_help_opens_with_usage_and_lists_only_user_facing_groups(module, usage):
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.startswith("riskexp: ") and usage in result.stdout
     groups = result.stdout.split("== Configuration groups ==")[1].split("== Config ==")[0]
-    assert "algo: dpo, ipo, kto, ppo, ra_dpo, ra_rlhf, rsa, sacpo, sft, tdpo" in groups and "risk: cvar, entropic, mean" in groups
+    assert ("algo: cost_model, dpo, ipo, kto, ppo, ppo_lag, ra_dpo, ra_rlhf, reward_model, rsa, sacpo, sft, tdpo" in groups
+            and "risk: cvar, entropic, mean" in groups)
     assert "schema" not in groups

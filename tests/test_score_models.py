@@ -266,3 +266,34 @@ def test_a_blank_chat_template_is_refused(tmp_path):
 
     with pytest.raises(ValueError, match="model.loader.chat_template=' ' is not accepted"):
         from_pretrained(str(tmp_path), chat_template=" ")
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_a_safe_rlhf_score_model_starts_a_ppo_critic_without_custom_code(tmp_path, fmt):
+    """The beaver reward/cost models' layout (a Llama trunk plus a score head) as PPO-Lagrangian's critics."""
+    import copy
+    import functools
+
+    from riskexp.rl.ppo_lag import LagrangianPPOModule
+
+    trunk, weight, bias = save_score_model(tmp_path / "critic", fmt=fmt, bias=True)
+    policy, tokenizer = tiny_llama(hidden_size=HIDDEN, num_layers=2, num_heads=4, num_kv_heads=2,
+                                   intermediate_size=64, init_seed=3)
+    module = LagrangianPPOModule(policy, copy.deepcopy(policy), tokenizer, reward=None, cost=lambda p, c: None,
+                                 optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
+                                 critic_init=str(tmp_path / "critic"), cost_critic_init=str(tmp_path / "critic"))
+    module.value_head.eval()
+    module.cost_value_head.eval()
+    batch = tokenizer(["How do I bake bread? Mix flour.", "hi"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        hidden = trunk(**batch).last_hidden_state
+        expected = (hidden @ weight.T).squeeze(-1) + bias
+        for values in (module.values, module.cost_values):
+            got = values(batch["input_ids"], batch["attention_mask"])
+            torch.testing.assert_close(got[batch["attention_mask"].bool()], expected[batch["attention_mask"].bool()],
+                                       atol=1e-4, rtol=1e-4)
+    trainable = {id(p) for p in module.configure_optimizers().param_groups[0]["params"]}
+    critics = [*module.critic_trunk.parameters(), *module.cost_critic_trunk.parameters(),
+               *module.value_head.parameters(), *module.cost_value_head.parameters()]
+    assert all(id(p) in trainable for p in critics)
+    assert module.critic_trunk is not module.cost_critic_trunk  # two critics, trained apart
