@@ -226,6 +226,14 @@ class SamplingConfig:
 
 
 @dataclass
+class PTXConfig:
+    texts: Any = None  # a list of texts or a loader (`_target_`); null: no PTX
+    coeff: float = 16.0
+    batch_size: int = 4
+    max_length: int = 128
+
+
+@dataclass
 class PPOConfig(AlgoConfig):
     """PPO-RLHF and RA-RLHF (riskexp.rl): the RL family's knobs; sizes of the batch and generations: data.rl."""
 
@@ -248,6 +256,7 @@ class PPOConfig(AlgoConfig):
     keep_ties: bool = False
     drop_unkept: bool = True
     whiten_advantages: bool = True
+    ptx: PTXConfig = field(default_factory=PTXConfig)
     rollout: SamplingConfig = field(default_factory=SamplingConfig)  # lengths: data.rl
     data_module: Any = MISSING
     recipe: Any = MISSING

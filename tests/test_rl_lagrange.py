@@ -151,3 +151,21 @@ def test_smoke_sweep_of_ppo_lag_with_mean_and_cvar_writes_both_results(tmp_path)
         results = json.loads(path.read_text())
         assert results["status"] == "finished" and results["algo"] == "ppo_lag"
         assert results["kl_split"] == "both" and "train/lambda" in results and "eval/cost_mean" in results
+
+
+def test_ptx_adds_an_sft_step_on_its_texts_after_each_ppo_step(smoke_cfg):
+    texts = ["The film was a delight from start to finish.", "A warm, funny and clever story."]
+    cfg = smoke_cfg("algo=ppo_lag", "eval.enabled=false", "algo.ptx.coeff=2.0", "algo.ptx.batch_size=2")
+    with open_dict(cfg):
+        cfg.algo.ptx.texts = texts
+    results = run(cfg)
+    assert results["ptx_texts"] == 2 and results["ptx_coeff"] == 2.0 and results["train/ptx_loss"] > 0
+
+
+def test_the_ptx_loss_is_the_mean_nll_per_token_of_its_texts():
+    module = _module(Mean())
+    text = "A warm, funny and clever story."
+    ids = torch.tensor([module.tokenizer(text)["input_ids"]])
+    with torch.no_grad():
+        logp = torch.log_softmax(module.policy(ids).logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        assert float(module.ptx_loss([text])) == pytest.approx(float(-logp.mean()), abs=1e-5)

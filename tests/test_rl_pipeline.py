@@ -39,6 +39,9 @@ def test_ra_rlhf_is_ppo_with_cvar_and_its_risk_group_can_be_overridden(smoke_cfg
     assert {k: v for k, v in ra_rlhf.algo.items() if k not in strip} == {
         k: v for k, v in ppo.algo.items() if k not in strip}
     assert smoke_cfg("algo=ra_rlhf", "risk=mean").risk._target_ == "riskexp.risk.Mean"
+    # algo=ppo alone is PPO-RLHF (the primary config's risk=cvar is Ra-DPO's default, not PPO's)
+    assert smoke_cfg("algo=ppo").risk._target_ == "riskexp.risk.Mean"
+    assert smoke_cfg("algo=ppo_lag").risk._target_ == "riskexp.risk.Mean"
     assert smoke_cfg("algo=ra_rlhf", "alpha=0.2").alpha == 0.2
 
 
@@ -68,3 +71,21 @@ def test_bad_rl_settings_are_refused_with_what_is_accepted(smoke_cfg):
         run(smoke_cfg("algo=ppo", "algo.critic=both"))
     with pytest.raises(ValueError, match="data.rl.batch_size=64 but the task has 16 training prompts"):
         run(smoke_cfg("algo=ppo", "data.rl.batch_size=64"))
+
+
+@pytest.mark.slow
+def test_lightning_ddp_on_two_cpu_processes_trains_one_policy_over_the_global_batch(tmp_path):
+    """`trainer=ddp` through `python -m riskexp`: Lightning re-launches the command as rank 1, each rank rolls out
+    half of every batch, and the averaged updates leave both ranks with the same weights."""
+    result = module_cli("riskexp", *SMOKE_RL, "algo=ra_rlhf", "alpha=0.25", "trainer=ddp", "trainer.accelerator=cpu",
+                        "trainer.devices=2", "logger=csv", runs_dir=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [path] = (tmp_path / "smoke").glob("*/results.json")
+    results = json.loads(path.read_text())
+    assert results["status"] == "finished" and results["world_size"] == 2
+    # data=fixture: 16 prompts, a global batch of 4 (2 per rank) -> the same M = 4 iterations as one process
+    assert results["iterations"] == 4 and results["episodes_per_iteration"] == 4
+    assert results["rank_weight_spread"] < 1e-6
+    logged = pd.read_csv(path.parent / "csv" / "metrics.csv").dropna(subset=["train/kept"])
+    assert logged["train/kept"].astype(int).tolist() == [soft_risk_count(m, 4, 0.25, 0, 0.95, 4) for m in range(4)]
+    assert "eval/reward_mean" in results

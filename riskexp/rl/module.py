@@ -31,7 +31,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from riskexp.logps import token_stats
+from riskexp.generation import pad_token_id
+from riskexp.logps import IGNORE_INDEX, pad_rows, sequence_stats, token_stats
 from riskexp.models import hidden_and_head, trunk_of
 from riskexp.modules import PolicyModule
 from riskexp.risk import Mean, RiskMeasure
@@ -132,6 +133,7 @@ class PPOModule(PolicyModule):
         keep_ties: bool = False,
         drop_unkept: bool = True,
         whiten_advantages: bool = True,
+        ptx: dict | None = None,
         sampling: dict | None = None,
         prompt_format: str = "plain",
         chunk_size: int = 64,
@@ -167,6 +169,11 @@ class PPOModule(PolicyModule):
         self.soft_risk = dict(soft_risk or {})
         self.statistic, self.keep_ties, self.drop_unkept = statistic, keep_ties, drop_unkept
         self.whiten_advantages = whiten_advantages  # trl's; safe-rlhf's PPO-Lagrangian does not
+        self.ptx = {"coeff": 16.0, "batch_size": 4, "max_length": 128} | dict(ptx or {})
+        self.ptx_texts = list(self.ptx.get("texts") or [])
+        if self.ptx_texts and not self.ptx.get("coeff", 0) > 0:
+            raise ValueError(f"algo.ptx.coeff={self.ptx.get('coeff')!r}: accepted values are > 0 with ptx texts")
+        self.ptx_generator: torch.Generator | None = None  # seeded per rank at the first PTX step
         self.sampling = dict(sampling or {"max_new_tokens": 32})
         self.prompt_format, self.chunk_size, self.seed = prompt_format, chunk_size, seed
         self.iteration = 0  # iterations done, checkpointed with the controller's beta
@@ -175,7 +182,8 @@ class PPOModule(PolicyModule):
 
     def run_record(self) -> dict:
         """The settings results.json records for this kind of run."""
-        return {"kl_input": self.kl_input, "whiten_advantages": self.whiten_advantages}
+        return {"kl_input": self.kl_input, "whiten_advantages": self.whiten_advantages,
+                "ptx_texts": len(self.ptx_texts), **({"ptx_coeff": self.ptx["coeff"]} if self.ptx_texts else {})}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rl"] = {"iteration": self.iteration, "kl_controller": self.kl_controller.state_dict()}
@@ -404,6 +412,8 @@ class PPOModule(PolicyModule):
                     optimizer.step()
                     if scheduler is not None:
                         scheduler.step()
+                    if self.ptx_texts:
+                        out.stats["ptx_loss"] = self.ptx_step(optimizer, params)
                 else:
                     skipped += 1
                 for k, v in out.stats.items():
@@ -411,6 +421,30 @@ class PPOModule(PolicyModule):
         summary = {k: torch.stack(v).nanmean() for k, v in collected.items()}
         summary["skipped_minibatches"] = torch.tensor(float(skipped))
         return summary
+
+    def ptx_loss(self, texts: list[str]) -> Tensor:
+        """Mean NLL per token of `texts` under the policy (the SFT loss of PPO-ptx)."""
+        rows = [ids[: self.ptx["max_length"]] for ids in self.tokenizer(texts)["input_ids"]]
+        ids, attention = (t.to(self.device) for t in pad_rows(rows, pad_token_id(self.tokenizer)))
+        hidden, head = hidden_and_head(self.policy, {"input_ids": ids, "attention_mask": attention})
+        stats = sequence_stats(hidden, ids.masked_fill(attention == 0, IGNORE_INDEX), policy_head=head,
+                               chunk_size=self.chunk_size)
+        return -stats.policy_logps.sum() / stats.n_tokens.sum().clamp(min=1)
+
+    def ptx_step(self, optimizer, params: list[nn.Parameter]) -> Tensor:
+        """One more optimizer step on `ptx.coeff` x the SFT loss of `ptx.batch_size` texts drawn at random
+        (safe-rlhf's PTX step after each RL step; the schedule steps with the RL steps only)."""
+        if self.ptx_generator is None:
+            self.ptx_generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rank * 7919 + 1)
+        draw = torch.randint(len(self.ptx_texts), (self.ptx["batch_size"],), generator=self.ptx_generator)
+        loss = self.ptx_loss([self.ptx_texts[i] for i in draw.tolist()])
+        optimizer.zero_grad()
+        self.manual_backward(self.ptx["coeff"] * loss)
+        self.average_gradients(params)
+        if self.max_grad_norm is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+        optimizer.step()
+        return loss.detach()
 
     def average_gradients(self, params: list[nn.Parameter]) -> None:
         """Gradients averaged over the ranks (plain all-reduce: DDP's own reducer is switched off, since one
