@@ -40,6 +40,7 @@ lint: install  ## ruff
 
 bench: install  ## speed and memory benchmarks (GPU numbers when CUDA is present)
 	$(BIN)/python benchmarks/bench_terms.py
+	$(BIN)/python benchmarks/bench_rl.py
 
 clean:  ## remove run outputs and caches (keeps .venv and runs/.gitkeep)
 	find runs -mindepth 1 ! -name .gitkeep -exec rm -rf {} +

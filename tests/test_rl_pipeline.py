@@ -78,7 +78,7 @@ def test_lightning_ddp_on_two_cpu_processes_trains_one_policy_over_the_global_ba
     """`trainer=ddp` through `python -m riskexp`: Lightning re-launches the command as rank 1, each rank rolls out
     half of every batch, and the averaged updates leave both ranks with the same weights."""
     result = module_cli("riskexp", *SMOKE_RL, "algo=ra_rlhf", "alpha=0.25", "trainer=ddp", "trainer.accelerator=cpu",
-                        "trainer.devices=2", "logger=csv", runs_dir=tmp_path)
+                        "trainer.devices=2", "trainer.precision=32-true", "logger=csv", runs_dir=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     [path] = (tmp_path / "smoke").glob("*/results.json")
     results = json.loads(path.read_text())
