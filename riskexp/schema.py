@@ -285,6 +285,7 @@ class ScoreModelConfig(AlgoConfig):
     pairs: Optional[str] = None  # data.source.pairs to train on (PKU-SafeRLHF schema); null: the data's own
     bias: bool = False  # a bias in the score head (safe-rlhf's --bias)
     reg: float = 0.0  # reg * mean(score^2) (safe-rlhf's --regularization)
+    train_layers: Optional[int] = None  # null: the whole trunk; n: its top n blocks; 0: the head alone
     recipe: Any = MISSING
 
 

@@ -119,3 +119,24 @@ def test_a_score_model_learns_the_pairs_it_is_trained_on(smoke_cfg):
 def test_a_cost_model_refuses_data_without_a_pairs_choice(smoke_cfg):
     with pytest.raises(ValueError, match=r"algo.pairs='harmlessness' needs a data source with a `pairs` choice.*data=sentiment"):
         run(smoke_cfg("algo=cost_model", "data=sentiment"))
+
+
+def test_train_layers_freezes_all_but_the_top_blocks_and_the_head(tiny):
+    import copy
+    import functools
+
+    from riskexp.reward_models.module import ScoreModelModule
+
+    def trainable(n):
+        module = ScoreModelModule(copy.deepcopy(tiny[0]), None, RewardObjective(), functools.partial(torch.optim.AdamW),
+                                  train_layers=n)
+        return {name for name, p in module.named_parameters() if p.requires_grad}
+
+    assert trainable(0) == {"policy.head.weight"}
+    top = trainable(1)
+    assert "policy.head.weight" in top and "policy.trunk.norm.weight" in top
+    assert any(n.startswith("policy.trunk.layers.1.") for n in top)
+    assert not any(n.startswith(("policy.trunk.layers.0.", "policy.trunk.embed_tokens")) for n in top)
+    assert any(n.startswith("policy.trunk.embed_tokens") for n in trainable(None))
+    with pytest.raises(ValueError, match=r"algo.train_layers=3: accepted are null or integers in \[0, 2\]"):
+        trainable(3)

@@ -20,6 +20,27 @@ from riskexp.scorers import ScoreModel, save_score_model
 SCORE_TYPES = ("reward", "cost")
 
 
+def train_top_layers(trunk: nn.Module, n: int | None) -> None:
+    """Freeze all of the trunk but its top `n` transformer blocks and its final norm (None: train all; 0: the
+    score head alone, a linear probe of the frozen trunk)."""
+    if n is None:
+        return
+    blocks = next((m for name in ("layers", "h", "blocks") if isinstance(m := getattr(trunk, name, None), nn.ModuleList)),
+                  None)
+    if blocks is None:
+        raise ValueError(f"algo.train_layers={n}: {type(trunk).__name__} has no list of transformer blocks "
+                         "(layers, h or blocks); accepted is null (train the whole trunk)")
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= len(blocks):
+        raise ValueError(f"algo.train_layers={n!r}: accepted are null or integers in [0, {len(blocks)}]")
+    trunk.requires_grad_(False)
+    if n:
+        for block in blocks[len(blocks) - n :]:
+            block.requires_grad_(True)
+        for name in ("norm", "ln_f", "final_layer_norm"):
+            if isinstance(getattr(trunk, name, None), nn.Module):
+                getattr(trunk, name).requires_grad_(True)
+
+
 def score_model_from_lm(model: nn.Module, bias: bool = False, init_seed: int = 0) -> ScoreModel:
     """The LM's trunk (its weights, not a copy) and a new Linear(hidden, 1) head; the LM's own head is dropped."""
     trunk = trunk_of(model, "a score head")
@@ -38,10 +59,11 @@ class ScoreModelModule(PolicyModule):
 
     def __init__(self, policy: nn.Module, reference: nn.Module | None, objective: Callable, optimizer: Callable,
                  scheduler: Callable | None = None, risk=None, *, score_type: str = "reward", bias: bool = False,
-                 tokenisation: dict | None = None, init_seed: int = 0):
+                 tokenisation: dict | None = None, train_layers: int | None = None, init_seed: int = 0):
         if score_type not in SCORE_TYPES:
             raise ValueError(f"algo.score_type={score_type!r} is unknown; accepted: {', '.join(SCORE_TYPES)}")
         super().__init__(score_model_from_lm(policy, bias, init_seed), None, optimizer, scheduler)
+        train_top_layers(self.policy.trunk, train_layers)
         self.objective, self.score_type = objective, score_type
         self.tokenisation = dict(tokenisation or {})
 
