@@ -71,7 +71,7 @@ class LagrangianPPOModule(PPOModule):
         super().__init__(policy, reference, tokenizer, reward, optimizer, scheduler, Mean(), **ppo)
         self.cost, self.constraint_risk = cost, risk if risk is not None else Mean()
         self.threshold, self.kl_split, self.clip_range_score = float(threshold), kl_split, float(clip_range_score)
-        self.cost_alpha = cost_alpha  # the level of the logged window CVaR (the run's alpha)
+        self.cost_alpha = cost_alpha  # the level of the logged window CVaR (evaluation's headline 0.1)
         self.multiplier = LagrangeMultiplier(lambda_init, lambda_lr, lambda_max, lambda_update_delay_steps)
         self.window = CostWindow(episode_cost_window_size)
         dropout = self.value_head.dropout.p
