@@ -311,11 +311,11 @@ def register_schemas() -> None:
 def run_dirname(override_dirname: str) -> str:
     """A readable directory name from the command-line overrides, e.g. `algo=ra_dpo,alpha=0.1`.
 
-    Always one valid path component, whatever the overrides hold: `/` and `\\` become `_`, and the name has
-    at most 255 bytes (UTF-8). A value over 48 bytes keeps its first and last 16 characters around the first
-    8 hex digits of its SHA-1 (`model.path=_tmp_pytest-of-~1a2b3c4d~ep3_policy`); a name still over 255 bytes
-    keeps its first 200 bytes and the hash of the whole. The full overrides stay in `.hydra/overrides.yaml`
-    and results.json.
+    Always one valid path component, whatever the overrides hold: `/` and `\\` become `_`, quotes around a
+    value are dropped, and the name has at most 255 bytes (UTF-8). A value over 48 bytes keeps its first and
+    last 16 characters around the first 8 hex digits of its SHA-1 (`model.path=_tmp_pytest-of-~1a2b3c4d~ep3_policy`);
+    a name still over 255 bytes keeps its first 200 bytes and the hash of the whole. The full overrides stay in
+    `.hydra/overrides.yaml` and results.json.
     """
     import hashlib
 
@@ -351,6 +351,8 @@ def run_dirname(override_dirname: str) -> str:
     shortened = []
     for item in items(override_dirname):
         key, equals, value = item.partition("=")
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]  # Hydra's quoting of a value holding "=" or "," (a run directory) is not the value
         shortened.append(key + equals + shorten(value) if equals else shorten(item))
     name = re.sub(r"[/\\]", "_", ",".join(shortened))
     if len(name.encode()) > max_name_bytes:

@@ -138,6 +138,11 @@ def test_long_values_are_shortened_with_a_stable_hash():
     assert run_dirname("") == "default"
 
 
+def test_quotes_around_a_value_are_not_part_of_the_name():
+    assert run_dirname("algo=ppo,model.path='runs_a=b,c_policy'") == "algo=ppo,model.path=runs_a=b,c_policy"
+    assert run_dirname('model.path="p"') == "model.path=p"
+
+
 def test_a_300_character_model_path_gives_a_valid_run_and_sweep_directory():
     path = "/" + "p" * 299
     cfg = compose_config(["experiment=smoke", f"model.path={path}", "seed=1"])
