@@ -24,11 +24,20 @@ def file_lock(path: str | os.PathLike) -> Iterator[None]:
         yield
 
 
+def _new_file_mode() -> int:
+    """The mode `open()` gives a new file: 0o666 less the umask (mkstemp's own 0o600 would hide results)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write_text(path: Path, text: str) -> Path:
-    """Write a file atomically (temporary file, fsync, rename): readers never see half of it."""
+    """Write a file atomically (temporary file, fsync, rename): readers never see half of it. The file gets the
+    mode a plain write would give it (an existing file's own mode, else 0o666 less the umask)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, path.stat().st_mode & 0o7777 if path.exists() else _new_file_mode())
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()

@@ -171,3 +171,21 @@ def test_training_from_a_300_character_model_path(tmp_path):
     saved = json.loads((run_dir / "results.json").read_text())
     assert f"model.path={policy_dir}" in saved["overrides"] and saved["config"]["model.path"] == str(policy_dir)
     assert f"model.path={policy_dir}" in yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
+
+
+def test_atomic_writes_give_files_the_mode_a_plain_write_would(tmp_path):
+    import os
+
+    from riskexp.files import write_jsonl
+
+    umask = os.umask(0o022)
+    try:
+        fresh = write_jsonl([{"a": 1}], tmp_path / "fresh.jsonl")
+        assert fresh.stat().st_mode & 0o777 == 0o644  # not mkstemp's 0o600
+        kept = tmp_path / "kept.jsonl"
+        kept.write_text("")
+        kept.chmod(0o640)
+        write_jsonl([{"a": 2}], kept)
+        assert kept.stat().st_mode & 0o777 == 0o640 and kept.read_text() == '{"a": 2}\n'
+    finally:
+        os.umask(umask)
