@@ -59,8 +59,6 @@ class RewardObjective:
     """Bradley-Terry on (chosen, rejected) pairs: chosen = the preferred response (helpfulness pairs, or any
     preference data). Metrics: pair accuracy P(R_w > R_l), the mean margin, the mean score."""
 
-    needs_safety_labels = False
-
     def __init__(self, reg: float = 0.0):
         self.reg = _check_reg(reg)
 
@@ -76,15 +74,13 @@ class CostObjective:
     `is_safe` (2B,) holds the responses' labels, chosen rows first. Metrics: pair accuracy P(C_unsafer >
     C_safer), sign accuracy P((C > 0) = unsafe) over both responses, the unsafe rate P(C > 0), the mean cost."""
 
-    needs_safety_labels = True
-
     def __init__(self, reg: float = 0.0):
         self.reg = _check_reg(reg)
 
     def __call__(self, chosen: Tensor, rejected: Tensor, is_safe: Tensor | None = None) -> ScoreLoss:
         if is_safe is None:
-            raise ValueError("the cost model needs each response's safety label (is_response_k_safe): train on a "
-                             "PKU-SafeRLHF-schema task, e.g. data=safety")
+            raise ValueError("the cost model needs each response's safety label (is_response_k_safe): train on "
+                             "harmlessness pairs of a PKU-SafeRLHF-schema task, e.g. data=safety")
         signs = unsafe_sign(is_safe).to(chosen)
         half = chosen.shape[0]
         loss = safe_rlhf_cost_loss(chosen, rejected, signs[:half], signs[half:], self.reg)

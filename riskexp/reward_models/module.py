@@ -68,10 +68,6 @@ class ScoreModelModule(PolicyModule):
         self.tokenisation = dict(tokenisation or {})
 
     def _step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
-        if self.objective.needs_safety_labels and "is_safe" not in batch:
-            raise ValueError(f"algo.score_type={self.score_type} needs each response's safety label "
-                             "(is_response_k_safe): train on harmlessness pairs of a PKU-SafeRLHF-schema task, "
-                             "e.g. data=safety")
         scores = self.policy(batch["input_ids"], batch["attention_mask"])
         half = scores.shape[0] // 2
         out = self.objective(scores[:half], scores[half:], batch.get("is_safe"))

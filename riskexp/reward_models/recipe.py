@@ -17,9 +17,12 @@ from omegaconf import DictConfig, open_dict
 
 log = logging.getLogger(__name__)
 
+PAIR_SCORES = "pair_scores.jsonl"  # every held-out pair with its two scores
+
 
 def held_out_scores(model, datamodule) -> dict[str, torch.Tensor]:
-    """(N,) end scores of the validation pairs' chosen and rejected responses, and (2N,) safety labels if any."""
+    """(N,) end scores of the validation pairs' chosen and rejected responses, and where the pairs carry safety
+    labels `unsafe` (2, N): the chosen responses' row, then the rejected ones'."""
     device = next(model.parameters()).device
     chosen, rejected, safe = [], [], []
     was = model.training
@@ -35,8 +38,7 @@ def held_out_scores(model, datamodule) -> dict[str, torch.Tensor]:
     model.train(was)
     out = {"chosen": torch.cat(chosen), "rejected": torch.cat(rejected)}
     if safe:
-        labels = torch.cat(safe, dim=1)  # (2, N): chosen labels, rejected labels
-        out["is_safe"] = torch.cat([labels[0], labels[1]])
+        out["unsafe"] = ~torch.cat(safe, dim=1)
     return out
 
 
@@ -55,8 +57,8 @@ def evaluate_pairs(cfg: DictConfig, model, reference, tokenizer) -> tuple[dict, 
     chosen, rejected = scores["chosen"], scores["rejected"]
     cost = cfg.algo.score_type == "cost"
     correct = {"pair_accuracy": rejected > chosen if cost else chosen > rejected}
-    if cost and "is_safe" in scores:
-        unsafe = ~scores["is_safe"].view(2, -1)
+    if cost and "unsafe" in scores:
+        unsafe = scores["unsafe"]
         correct["sign_accuracy"] = 0.5 * (((chosen > 0) == unsafe[0]).double() + ((rejected > 0) == unsafe[1]))
     names = list(correct)
 
@@ -71,9 +73,6 @@ def evaluate_pairs(cfg: DictConfig, model, reference, tokenizer) -> tuple[dict, 
                  for r, c, x in zip(datamodule.val_records, chosen, rejected, strict=True)], output_dir() / PAIR_SCORES)
     log.info("held-out pairs: %s", {k: round(v, 3) for k, v in metrics.items()})
     return metrics, []
-
-
-PAIR_SCORES = "pair_scores.jsonl"
 
 
 def train_score_model(cfg: DictConfig, out: Path, resume_from: Path | None) -> dict:

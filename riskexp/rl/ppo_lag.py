@@ -120,13 +120,14 @@ class LagrangianPPOModule(PPOModule):
                              f"{everyone.numel()} episodes: accepted are sizes >= the batch")
         constraint, weights = constraint_and_weights(self.constraint_risk, window, everyone.numel())
         # the multiplier steps first and the actor uses the new lambda (safe-rlhf's order)
-        lam = self.multiplier.update(float(constraint), self.threshold)
+        multiplier = self.multiplier.update(float(constraint), self.threshold)
         beta_c = kl_coefficients(self.kl_split, self.kl_controller.value)[1]
         cost_advantages, cost_returns = gae(shaped_costs(ro.policy_logps, ro.ref_logps, costs, mask, beta_c),
                                             cost_values, mask, self.gamma, self.lam)
-        actor = lagrangian_advantages(advantages, cost_advantages, lam, self.local_rows(weights).to(advantages))
+        actor = lagrangian_advantages(advantages, cost_advantages, multiplier,
+                                      self.local_rows(weights).to(advantages))
         metrics = {
-            "lambda": lam,
+            "lambda": multiplier,
             "cost_mean": everyone.mean(),
             "window_cost_mean": window.mean(),
             f"window_cost_cvar@{self.cost_alpha:g}": cvar_upper(window, self.cost_alpha),
